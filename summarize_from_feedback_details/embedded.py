@@ -36,10 +36,10 @@ from typing import Any
 
 from summarize_from_feedback_details.core import CNNDM_BATCHES, atomic_directory, write_json
 
-EMBEDDED_VERSION = 1
+EMBEDDED_VERSION = 2
 EOS_TOKEN = "<|endoftext|>"
-VOCAB_SIZE = 2048  # BPE vocabulary including <|endoftext|> (id 0); [PAD] is added by the data stage -> id 2048
-EMBEDDING_ROWS = 2112  # like Pythia (50,277 tokens in 50,304 rows), [PAD] fits without resizing
+VOCAB_SIZE = 2048  # BPE vocabulary limit; the templated corpus saturates below it (every word one token)
+EMBEDDING_MULTIPLE = 64  # like Pythia (50,277 tokens in 50,304 rows): the added [PAD] fits without resizing
 
 
 @dataclass(frozen=True)
@@ -518,11 +518,16 @@ def train_tokenizer(documents: Sequence[str], directory: Path) -> Any:
     return fast
 
 
-def model_config(size: ModelSize) -> Any:
+def embedding_rows(num_tokens: int) -> int:
+    """Embedding rows for a tokenizer of `num_tokens`: room for the [PAD] added later, rounded up like Pythia."""
+    return -(-(num_tokens + 1) // EMBEDDING_MULTIPLE) * EMBEDDING_MULTIPLE
+
+
+def model_config(size: ModelSize, num_tokens: int) -> Any:
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
-        vocab_size=EMBEDDING_ROWS,
+        vocab_size=embedding_rows(num_tokens),
         hidden_size=size.hidden_size,
         num_hidden_layers=size.num_layers,
         num_attention_heads=size.num_heads,
@@ -550,7 +555,7 @@ def pretrain_model(size: ModelSize, tokenizer: Any, documents: Sequence[str], co
         ids.extend(tokenizer.encode(document) + [tokenizer.eos_token_id])
     seq = config.pretrain_seq_len
     data = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
-    model = GPTNeoXForCausalLM(model_config(size))
+    model = GPTNeoXForCausalLM(model_config(size, len(tokenizer)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=size.pretrain_lr, weight_decay=0.01)
     warmup = max(1, size.pretrain_steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -609,6 +614,8 @@ def ensure_built(out_dir: str | Path = "assets/embedded", config: BuildConfig | 
         manifest["data"] = {"seconds": round(time.time() - t0, 1), **{d: {s: len(r) for s, r in sp.items()} for d, sp in get_task().items()}}
         print(f"embedded: wrote the task data to {data_dir} ({manifest['data']['seconds']} s)")
 
+    from transformers import AutoTokenizer
+
     tokenizer_dir = out / "tokenizer"
     documents = None
     if force or not _is_built(tokenizer_dir, _stamp(config, "tokenizer")):
@@ -617,10 +624,8 @@ def ensure_built(out_dir: str | Path = "assets/embedded", config: BuildConfig | 
         with atomic_directory(tokenizer_dir) as tmp:
             train_tokenizer(documents, tmp)
             write_json(tmp / "embedded_stamp.json", _stamp(config, "tokenizer"))
-        manifest["tokenizer"] = {"seconds": round(time.time() - t0, 1), "vocab_size": VOCAB_SIZE}
+        manifest["tokenizer"] = {"seconds": round(time.time() - t0, 1), "tokens": len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))}
         print(f"embedded: trained the tokenizer ({manifest['tokenizer']['seconds']} s)")
-
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     manifest.setdefault("models", {})

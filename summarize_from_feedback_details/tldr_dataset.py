@@ -142,6 +142,7 @@ def truncate_to_fit(fields: dict[str, str], fmt: QueryFormat, tokenizer: Any, tr
     if name not in fields:
         raise UserInputError(f"cannot truncate field {name!r}: the row has only {sorted(fields)}")
     tokens = encode(tokenizer, fmt.template.format(**fields))
+    # Detail 2.2: clever truncation, only ever of the post (or article), one paragraph at a time.
     while len(tokens) > fmt.length:
         text = fields[name]
         if not text:
@@ -199,6 +200,7 @@ def format_completion(text: str, eos_token: str, leading_space: bool = True, app
     The SFT summaries have no leading space and the comparison summaries already start with one; both
     come out with exactly one. The ablations drop the space or the EOS.
     """
+    # Detail 3.1: the query ends at "TL;DR:", so the completion carries the space and the EOS.
     text = text.lstrip(" ")
     if leading_space:
         text = " " + text
@@ -216,6 +218,7 @@ def tokenize_completion(
     its `_response_label` copy has its first `query_len` positions (the tokens of `query.strip()`)
     replaced by the pad id (used by DPO and by the completion-only SFT loss).
     """
+    # Detail 5: fixed shapes, right-padded with the pad id (never EOS, Detail 3.2).
     pad_id = tokenizer.pad_token_id
     response = encode(tokenizer, completion)
     query_response_text = query.strip() + completion
@@ -388,6 +391,49 @@ def check_preference_rows(raw: Any, cnndm_batches: Sequence[str]) -> None:
                 raise UserInputError(f"{where}: 'extra.confidence' must be an integer 1-9 or null, got {confidence!r}")
 
 
+def check_queries_can_fit(sft_raw: Any, preference_raw: Any, tokenizer: Any, args: Args) -> None:
+    """Detail 2.2: a row whose query is too long even with an empty post/article is an error, found here
+    (one short tokenization per row) before the full tokenization starts."""
+    def check(where: str, fields: dict[str, Any], fmt: QueryFormat) -> None:
+        empty = {**{k: v or "" for k, v in fields.items()}, fmt.truncate_field: ""}
+        n_tokens = len(encode(tokenizer, fmt.template.format(**empty)))
+        if n_tokens > fmt.length:
+            raise QueryTooLongError(
+                f"{where}: the query is {n_tokens} tokens even with an empty {fmt.truncate_field!r}, more than the "
+                f"query length {fmt.length}; shorten the row's other fields, drop the row, or raise --lengths"
+            )
+
+    tldr = QueryFormat(TLDR_QUERY_FORMAT, "post", args.lengths.query)
+    for split, ds in sft_raw.items():
+        for index, row in enumerate(rows(ds, ["id", "subreddit", "title"])):
+            check(f"SFT split {split!r} row {index} (id {row['id']!r})", {**row, "post": ""}, tldr)
+    for split, ds in preference_raw.items():
+        for index, row in enumerate(rows(ds, ["info", "batch"])):
+            fmt = preference_query_format(row["batch"], args)[0]
+            info = row["info"]
+            fields = {"article": ""} if fmt.truncate_field == "article" else {k: info.get(k) for k in ("subreddit", "title", "post")}
+            check(f"preference split {split!r} row {index} (id {info.get('id')!r})", fields, fmt)
+
+
+def map_rows(raw: Any, function: Any, name: str, tokenizer: Any, args: Args) -> Any:
+    """`function` over every split; an error in a row is re-raised naming the split and row."""
+    import datasets
+
+    def on_row(row: dict[str, Any], index: int, split: str) -> dict[str, Any]:
+        try:
+            return function(row, tokenizer=tokenizer, args=args)
+        except UserInputError as error:
+            raise UserInputError(f"{name} split {split!r} row {index}: {error}") from None
+
+    # num_proc=None, not 1: datasets 5 starts a worker process even for num_proc=1.
+    num_proc = args.num_proc if args.num_proc > 1 else None
+    return datasets.DatasetDict({
+        split: ds.map(on_row, with_indices=True, fn_kwargs={"split": split}, num_proc=num_proc,
+                      load_from_cache_file=False, desc=f"{name} {split}")
+        for split, ds in raw.items()
+    })
+
+
 # ----------------------------------------------------------------------------------------------
 # Detail 4: measured length maxima against the configuration
 # ----------------------------------------------------------------------------------------------
@@ -518,11 +564,11 @@ def main(args: Args) -> dict[str, Any]:
         validation_cnndm=validation.filter(lambda batch: batch in cnndm, input_columns="batch"),
     )
 
+    check_queries_can_fit(sft_raw, preference_raw, tokenizer, args)
+
     # Details 2, 3, 5: format, truncate, pad and tokenize to fixed shapes.
-    # num_proc=None, not 1: datasets 5 starts a worker process even for num_proc=1.
-    map_kwargs = dict(fn_kwargs={"tokenizer": tokenizer, "args": args}, num_proc=args.num_proc if args.num_proc > 1 else None, load_from_cache_file=False)
-    sft = sft_raw.map(process_sft_row, desc="SFT rows", **map_kwargs)
-    preference = preference_raw.map(process_preference_row, desc="comparison rows", **map_kwargs)
+    sft = map_rows(sft_raw, process_sft_row, "SFT", tokenizer, args)
+    preference = map_rows(preference_raw, process_preference_row, "preference", tokenizer, args)
 
     # Detail 4: the measured maxima must be the configured shapes.
     maxima = measure_length_maxima(sft, preference)

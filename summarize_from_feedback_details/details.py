@@ -1,0 +1,143 @@
+"""The registry of implementation details: one entry per detail of SPEC.md.
+
+The docs table (`docs/details.md`), the ablation runner and the tests all read `DETAILS`. An entry says
+where the detail lives (stage), the flag that switches it (if switching makes sense), the exact
+arguments that run the ablated variant, and the test that fails if the detail breaks. Entries of stages
+that are not built yet have status "planned" and no test; each stage's issue turns them "implemented".
+
+    python -m summarize_from_feedback_details.details          # print the markdown table
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Stage = Literal["data", "sft", "reward", "ppo", "dpo", "judge", "all"]
+STAGE_MODULES = {
+    "data": "tldr_dataset", "sft": "sft", "reward": "reward", "ppo": "ppo", "dpo": "dpo", "judge": "judge",
+}
+
+
+@dataclass(frozen=True)
+class Detail:
+    key: str
+    """unique name (the ablation runner and the docs use it)"""
+    number: str
+    """the paper's detail number (1-25) or our label (G-x, P-x) as in SPEC.md"""
+    title: str
+    stage: Stage
+    flag: str | None
+    """the command-line field that switches the detail, or None where switching makes no sense"""
+    ablation: tuple[str, ...] | None
+    """arguments that run the stage with the detail switched off / to its alternative (None: not ablatable)"""
+    test: str | None
+    """pytest node id of the test that guards the detail"""
+    status: Literal["implemented", "planned"] = "implemented"
+
+
+DETAILS: tuple[Detail, ...] = (
+    # ---------------------------------------------------------------- data (tldr_dataset.py)
+    Detail("two_datasets", "1", "Two datasets with fixed splits; CNN/DM comparisons moved to validation_cnndm", "data",
+           "--cnndm_batches", None, "tests/test_tldr_dataset.py::test_embedded_data_stage_outputs"),
+    Detail("query_format", "2.1", "Query format `SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:` without trailing space", "data",
+           None, None, "tests/test_real_data.py::test_real_queries_reproduced_with_pythia_tokenizer"),
+    Detail("paragraph_truncation", "2.2", "Truncate the post at its last paragraph break until the query fits; error if it cannot", "data",
+           "--truncation", ("--truncation", "hard"), "tests/test_real_data.py::test_real_long_posts_cut_at_last_fitting_paragraph"),
+    Detail("left_padding", "2.3", "Queries left-padded to the query length with the pad token", "data",
+           None, None, "tests/test_query_processing.py::test_query_is_left_padded_to_length"),
+    Detail("leading_space", "3.1", "Completions start with exactly one space", "data",
+           "--leading_space", ("--no-leading_space", "--no-check_length_correctness"),
+           "tests/test_query_processing.py::test_completion_leading_space_and_eos_flags"),
+    Detail("append_eos", "3.1", "Completions end with the EOS token", "data",
+           "--append_eos", ("--no-append_eos", "--no-check_length_correctness"),
+           "tests/test_query_processing.py::test_completion_leading_space_and_eos_flags"),
+    Detail("dedicated_pad", "3.2", "A dedicated [PAD] token, never EOS, as padding", "data",
+           "--pad_token", ("--pad_token", "eos"), "tests/test_real_data.py::test_pad_token_is_dedicated_and_pad_equal_eos_refused"),
+    Detail("length_maxima", "4", "SFT and preference data have different token lengths; measured maxima checked against the configuration", "data",
+           "--check_length_correctness", None, "tests/test_tldr_dataset.py::test_length_mismatch_is_one_clear_error"),
+    Detail("fixed_shapes", "5", "Pre-tokenized fixed shapes and every column (query/response tokens, lengths, policies, labels)", "data",
+           None, None, "tests/test_tldr_dataset.py::test_embedded_data_stage_outputs"),
+    # ---------------------------------------------------------------- general
+    Detail("single_lr", "G-1", "One learning rate (3e-6), AdamW eps 1e-5, for every stage and size", "all",
+           "--lr", None, None, "planned"),
+    Detail("dropout_off", "7", "Dropout disabled in every model of every stage", "all", None, None, None, "planned"),
+    Detail("tech_stack", "8", "transformers + accelerate + DeepSpeed ZeRO-2 (ZeRO-3 offload for frozen 6.9B models)", "all",
+           "--deepspeed", None, None, "planned"),
+    Detail("seeding", "G-2", "Per-rank seed = seed + rank * 100003; one permutation sharded over ranks", "all",
+           "--per_rank_shuffle", ("--per_rank_shuffle",), None, "planned"),
+    Detail("position_ids", "G-3", "Position ids not re-based for left padding (rotary: relative positions only)", "all",
+           None, None, None, "planned"),
+    # ---------------------------------------------------------------- SFT
+    Detail("sft_setup", "9", "SFT: 1 epoch, batch 128, cosine; loss over query + reference ignoring pads; ROUGE at T 0.01", "sft",
+           "--completion_only_loss", ("--completion_only_loss",), None, "planned"),
+    # ---------------------------------------------------------------- reward model
+    Detail("rm_setup", "10", "RM from SFT, Bradley-Terry loss, 1 epoch, batch 64", "reward", None, None, None, "planned"),
+    Detail("rm_head_init", "11", "Scalar head ~ N(0, 1/sqrt(d+1)), bias 0", "reward", None, None, None, "planned"),
+    Detail("reward_at_eos", "12", "Reward read at the last non-pad token (EOS)", "reward", None, None, None, "planned"),
+    Detail("rm_other_positions", "13", "Head outputs at non-EOS positions are meaningless", "reward", None, None, None, "planned"),
+    Detail("left_right_padding", "14", "Left vs right padding give slightly different rewards (logged)", "reward", None, None, None, "planned"),
+    Detail("reward_normalization", "15", "Reward bias = mean score of SFT references, survives save/reload", "reward",
+           "--normalize_reward", ("--no-normalize_reward",), None, "planned"),
+    Detail("rm_accuracy_breakdown", "16", "RM accuracy per split, batch and confidence", "reward", None, None, None, "planned"),
+    Detail("rm_calibration", "18", "RM calibration vs the Bradley-Terry prediction", "reward", None, None, None, "planned"),
+    Detail("dpo_implicit_reward", "19", "DPO implicit reward accuracy vs the explicit RM", "dpo", None, None, None, "planned"),
+    # ---------------------------------------------------------------- PPO
+    Detail("ppo_setup", "20", "PPO hyper-parameters of the paper (1M episodes, 4 epochs, clip 0.2, vf 0.1, gamma 1, lambda 0.95, beta 0.05)", "ppo",
+           "--kl_coef", ("--kl_coef", "0.1"), None, "planned"),
+    Detail("prompts_from_sft", "21", "Prompts are the SFT train queries, reshuffled when exhausted", "ppo", None, None, None, "planned"),
+    Detail("critic_from_rm", "22", "Critic initialised from the RM (with its bias), separate from the policy; one optimizer", "ppo",
+           "--critic_init", ("--critic_init", "sft"), None, "planned"),
+    Detail("fixed_length_sampling", "23.1", "Sample a fixed number of tokens; EOS does not stop generation", "ppo",
+           "--eos_trick", ("--no-eos_trick",), None, "planned"),
+    Detail("truncate_after_eos", "23.2", "Tokens after the first EOS become [PAD] before the RM sees them", "ppo", None, None, None, "planned"),
+    Detail("no_eos_penalty", "23.3", "Responses without EOS score -1", "ppo", "--penalty_reward_value", None, None, "planned"),
+    Detail("reward_whitening", "24", "Reward whitening optional, off by default", "ppo",
+           "--whiten_rewards", ("--whiten_rewards",), None, "planned"),
+    Detail("advantage_whitening", "25", "Advantages whitened over valid response tokens", "ppo",
+           "--whiten_advantages", ("--no-whiten_advantages",), None, "planned"),
+    Detail("temperature_in_loss", "P-1", "Logits divided by the sampling temperature in every log-prob forward", "ppo",
+           "--scale_logits_by_temperature", ("--no-scale_logits_by_temperature",), None, "planned"),
+    Detail("score_placement", "P-2", "Per-token KL reward, score added at EOS + 1 (released code) or at EOS", "ppo",
+           "--score_at", ("--score_at", "eos"), None, "planned"),
+    Detail("gae", "P-3", "GAE over the response positions; returns = advantages + values", "ppo", None, None, None, "planned"),
+    Detail("ppo_losses", "P-4", "Clipped surrogate + clipped value loss (coefficient 0.1)", "ppo", None, None, None, "planned"),
+    Detail("ppo_logging", "P-5", "Per-update logging of KL, entropy, scores, clip fractions, EOS counts, ...", "ppo", None, None, None, "planned"),
+    Detail("ppo_evaluation", "P-6", "Validation batch at T 0.01 each update; full validation/test tables at the end", "ppo",
+           "--eval_every", None, None, "planned"),
+    # ---------------------------------------------------------------- DPO and judge
+    Detail("dpo", "DPO", "DPO baseline: sigmoid loss beta 0.05, response-only log-probs, frozen reference", "dpo",
+           "--loss_type", ("--loss_type", "ipo"), None, "planned"),
+    Detail("judge_paper_protocol", "J-1", "LLM judge, the authors' protocol (one random order, exact A/B parsing)", "judge",
+           "--protocol", ("--protocol", "paper"), None, "planned"),
+)
+
+
+def by_key() -> dict[str, Detail]:
+    return {detail.key: detail for detail in DETAILS}
+
+
+def markdown_table() -> str:
+    """The docs table of every detail: number, title, stage, flag, ablation, test."""
+    lines = [
+        "| # | detail | stage | flag | ablation | test | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d in DETAILS:
+        ablation = f"`{' '.join(d.ablation)}`" if d.ablation else ""
+        flag = f"`{d.flag}`" if d.flag else ""
+        test = f"`{d.test}`" if d.test else ""
+        lines.append(f"| {d.number} | {d.title} | {d.stage} | {flag} | {ablation} | {test} | {d.status} |")
+    return "\n".join(lines) + "\n"
+
+
+DOC_HEADER = """# Implementation details: registry
+
+Generated from `summarize_from_feedback_details/details.py` by
+`python -m summarize_from_feedback_details.details > docs/details.md` (a test checks it is current).
+Each implemented detail carries a `# Detail N` comment where the code implements it.
+
+"""
+
+if __name__ == "__main__":
+    print(DOC_HEADER + markdown_table(), end="")

@@ -1,0 +1,88 @@
+"""Shared fixtures: the real data of ../shared/data (one fixture), the embedded assets and dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA_ENV = "SFFD_SHARED_DATA"
+EMBEDDED_ENV = "SFFD_TEST_EMBEDDED_DIR"
+
+
+def run_module(module: str, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run `python -m summarize_from_feedback_details.<module> args` as a real subprocess."""
+    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, "-m", f"summarize_from_feedback_details.{module}", *args],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} {args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data folder (env SFFD_SHARED_DATA, default ../shared/data); tests skip when it is absent."""
+    path = Path(os.environ.get(SHARED_DATA_ENV, REPO.parent / "shared" / "data"))
+    if not (path / "tokenizer" / "pythia" / "tokenizer.json").exists():
+        pytest.skip(f"real data not found at {path} (set {SHARED_DATA_ENV}); .ci/run requires it")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pythia_tokenizer(shared_data: Path):
+    from summarize_from_feedback_details.core import load_tokenizer
+
+    return load_tokenizer(str(shared_data / "tokenizer" / "pythia"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(shared_data: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    from summarize_from_feedback_details.core import set_pad_token
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(shared_data / "tokenizer" / "gpt2" / "tokenizer.json"), eos_token="<|endoftext|>"
+    )
+    return set_pad_token(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def real_posts(shared_data: Path) -> list[dict]:
+    lines = (shared_data / "tldr" / "tldr_posts_with_references.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(tmp_path_factory) -> Path:
+    """The embedded assets, built once per session with the real CLI (or reused from SFFD_TEST_EMBEDDED_DIR)."""
+    path = Path(os.environ[EMBEDDED_ENV]) if os.environ.get(EMBEDDED_ENV) else tmp_path_factory.mktemp("embedded")
+    run_module("embedded", "--out_dir", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_dir: Path):
+    from summarize_from_feedback_details.core import load_tokenizer
+
+    return load_tokenizer(str(embedded_dir / "models" / "tiny-pythia-s"))
+
+
+@pytest.fixture(scope="session")
+def embedded_dataset(embedded_dir: Path, tmp_path_factory) -> Path:
+    """The data stage run once on the embedded task, as a subprocess with the `embedded` preset."""
+    out = tmp_path_factory.mktemp("datasets") / "embedded"
+    base = str(embedded_dir)
+    run_module(
+        "tldr_dataset", "embedded", "--embedded_dir", base, "--base_model", f"{base}/models/tiny-pythia-s",
+        "--sft_dataset", f"{base}/data/sft", "--preference_dataset", f"{base}/data/preference", "--output_dir", str(out),
+    )
+    return out

@@ -1,0 +1,151 @@
+"""The embedded offline task: seeded data in the hub schemas, the gold utility, tokenizer, tiny models."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+import statistics
+
+import pytest
+
+from summarize_from_feedback_details import embedded as E
+from summarize_from_feedback_details.core import CNNDM_BATCHES, load_tokenizer
+from summarize_from_feedback_details.tldr_dataset import PREFERENCE_FIELDS, SFT_FIELDS
+
+SMALL = E.BuildConfig(sft_train=40, sft_validation=10, sft_test=10, preference_train=30, preference_validation=20, preference_cnndm=10)
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_task_is_seeded_and_in_the_hub_schemas():
+    task = E.generate_task(SMALL)
+    assert task == E.generate_task(SMALL)
+    assert task != E.generate_task(E.BuildConfig(**{**SMALL.__dict__, "seed": 1}))
+    assert {s: len(r) for s, r in task["sft"].items()} == {"train": 40, "validation": 10, "test": 10}
+    for rows in task["sft"].values():
+        for row in rows:
+            assert tuple(row) == SFT_FIELDS and all(isinstance(row[k], str) and row[k] for k in SFT_FIELDS)
+            assert "\n\n" in row["post"] and not row["summary"].startswith(" ")
+    assert len(task["preference"]["train"]) == 30 and len(task["preference"]["validation"]) == 30
+    for split, rows in task["preference"].items():
+        for row in rows:
+            assert tuple(row) == PREFERENCE_FIELDS
+            assert set(row["info"]) == {"id", "post", "title", "subreddit", "site", "article"}
+            assert row["choice"] in (0, 1) and 1 <= row["extra"]["confidence"] <= 9
+            assert [set(s) for s in row["summaries"]] == [{"text", "policy", "note"}] * 2
+            assert all(s["text"].startswith(" ") and s["policy"] in E.POLICIES for s in row["summaries"])
+            is_cnndm = row["batch"] in CNNDM_BATCHES
+            assert is_cnndm == (row["info"]["article"] is not None) == (row["info"]["post"] is None)
+            assert not (is_cnndm and split == "train")
+    assert sum(row["batch"] in CNNDM_BATCHES for row in task["preference"]["validation"]) == 10
+
+
+POST = "My boyfriend forgot my birthday. Honestly I feel hurt. Should I move out?"
+
+
+@pytest.mark.parametrize(("summary", "expected"), [
+    (" my boyfriend forgot my birthday and i feel hurt. should i move out?", 0.75 + 1.5 + 0.75 + 1.0),
+    (" my boyfriend forgot my birthday at the gym.", 0.75 + 1.5 - 0.75),  # irrelevant detail
+    (" my wife forgot my birthday.", 1.5 - 1.0),  # invented relation
+    (" my boyfriend forgot my birthday", 0.75 + 1.5 - 0.25),  # no final punctuation
+    (" i feel hurt i feel hurt i feel hurt.", 0.75 - 0.5 * 4),  # 7 trigrams, 3 distinct
+    (" my boyfriend forgot my birthday.<|endoftext|>[PAD][PAD]", 0.75 + 1.5),  # EOS and PAD ignored
+    (" " + "really " * 20 + "hurt.", 0.75 - 0.1 * (21 - 18) - 0.5 * (19 - 2)),  # 21 words, 19 trigrams, 2 distinct
+    ("", -2.0),
+    ("<|endoftext|>", -2.0),
+])
+def test_gold_utility_hand_computed(summary, expected):
+    assert E.gold_utility(POST, summary) == pytest.approx(expected)
+
+
+def test_gold_utility_news():
+    article = "The city council in boston banned fireworks on friday, officials said."
+    assert E.gold_utility(article, " the city council in boston banned fireworks on friday.") == pytest.approx(0.75 + 0.75 + 1.5 + 0.5)
+    assert E.gold_utility(article, " the city council in miami banned fireworks.") == pytest.approx(0.75 + 1.5 - 1.0)
+
+
+def test_labels_follow_the_utility_with_noise(embedded_dir):
+    """Bradley-Terry labels: mostly the higher-utility summary, more often at high confidence; the
+    references are good but not perfect (so a policy can beat them)."""
+    rows = _read_jsonl(embedded_dir / "data" / "preference" / "validation.jsonl")
+    agree_by_conf: dict[str, list[bool]] = {"low": [], "high": []}
+    agree = []
+    for row in rows:
+        text = row["info"]["post"] or row["info"]["article"]
+        u = [E.gold_utility(text, s["text"]) for s in row["summaries"]]
+        if u[0] == u[1]:
+            continue
+        ok = (u[1] > u[0]) == bool(row["choice"])
+        agree.append(ok)
+        conf = row["extra"]["confidence"]
+        if conf <= 3:
+            agree_by_conf["low"].append(ok)
+        elif conf >= 7:
+            agree_by_conf["high"].append(ok)
+    assert 0.75 < statistics.mean(agree) < 0.95
+    assert statistics.mean(agree_by_conf["high"]) > statistics.mean(agree_by_conf["low"]) + 0.2
+    sft = _read_jsonl(embedded_dir / "data" / "sft" / "train.jsonl")
+    reference_utility = [E.gold_utility(r["post"], r["summary"]) for r in sft[:500]]
+    assert 3.0 < statistics.mean(reference_utility) < 4.0 - 0.2
+    assert sum(u >= 4.0 for u in reference_utility) / len(reference_utility) > 0.4
+
+
+def test_tokenizer_is_pythia_like(embedded_dir):
+    from transformers import AutoTokenizer
+
+    raw = AutoTokenizer.from_pretrained(str(embedded_dir / "tokenizer"))
+    from transformers import AutoConfig
+
+    assert raw.eos_token == "<|endoftext|>" and raw.eos_token_id == 0 and 1000 < len(raw) <= E.VOCAB_SIZE
+    assert raw.convert_tokens_to_ids("[PAD]") == raw.unk_token_id  # no [PAD] yet, like Pythia's hub files
+    tok = load_tokenizer(str(embedded_dir / "tokenizer"))
+    rows = AutoConfig.from_pretrained(str(embedded_dir / "models" / "tiny-pythia-s")).vocab_size
+    assert tok.pad_token_id == len(raw) < rows and rows % 64 == 0  # [PAD] inside the embedding, like 50277 < 50304
+    for row in _read_jsonl(embedded_dir / "data" / "sft" / "validation.jsonl")[:50]:
+        assert tok.decode(tok.encode(row["post"])) == row["post"]
+        assert tok.encode(" " + row["summary"] + "<|endoftext|>")[-1] == 0
+
+
+def test_models_load_like_hub_models_and_bigger_is_better(embedded_dir):
+    """Each size loads with AutoModelForCausalLM; on held-out posts bigger models have a lower LM loss."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(embedded_dir / "models" / "tiny-pythia-s"))
+    posts = [r["title"] + "\n\n" + r["post"] for r in _read_jsonl(embedded_dir / "data" / "sft" / "test.jsonl")[:24]]
+    batch = tok(posts, return_tensors="pt", padding=True, truncation=True, max_length=128)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    losses, sizes = [], []
+    for size in E.MODEL_SIZES:
+        model = AutoModelForCausalLM.from_pretrained(str(embedded_dir / "models" / size.name)).eval()
+        assert type(model).__name__ == "GPTNeoXForCausalLM" and model.config.vocab_size == E.embedding_rows(len(tok) - 1)
+        with torch.no_grad():
+            losses.append(model(input_ids=batch["input_ids"].masked_fill(labels == -100, 0),
+                                attention_mask=batch["attention_mask"], labels=labels).loss.item())
+        sizes.append(sum(p.numel() for p in model.parameters()))
+        out = model.generate(**tok("TITLE: hello", return_tensors="pt"), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert out.shape[1] == len(tok("TITLE: hello")["input_ids"]) + 5
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    assert losses[0] > losses[1] > losses[2], losses
+    assert losses[2] < 2.0  # the models learned the corpus (uniform would be ln(2048) = 7.6)
+
+
+def test_built_assets_are_reused_and_rebuilt_deterministically(embedded_dir, tmp_path):
+    """A second call rebuilds nothing; a missing part is rebuilt alone, identically (seeded BPE)."""
+    weights = embedded_dir / "models" / "tiny-pythia-s" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    manifest = E.ensure_built(embedded_dir)
+    assert weights.stat().st_mtime_ns == before
+    assert set(manifest["models"]) == {size.name for size in E.MODEL_SIZES}
+
+    copy = tmp_path / "embedded"
+    shutil.copytree(embedded_dir, copy)
+    copied_weights = copy / "models" / "tiny-pythia-s" / "model.safetensors"
+    copied_mtime = copied_weights.stat().st_mtime_ns
+    shutil.rmtree(copy / "tokenizer")
+    E.ensure_built(copy)
+    assert filecmp.cmp(copy / "tokenizer" / "tokenizer.json", embedded_dir / "tokenizer" / "tokenizer.json", shallow=False)
+    assert copied_weights.stat().st_mtime_ns == copied_mtime  # the models were not retrained
