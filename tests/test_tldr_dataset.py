@@ -178,7 +178,7 @@ def test_bad_input_exits_2_with_one_line(embedded_dir, tmp_path):
     """The CLI turns a user error into one line on stderr and exit status 2, no traceback."""
     data = _write_small(embedded_dir, tmp_path / "data", edit=_set(("sft", "train", 0, "post"), ""))
     base = _small_args(embedded_dir, data)
-    result = run_module("tldr_dataset", "embedded", "--base_model", base.base_model, "--sft_dataset", base.sft_dataset,
+    result = run_module("tldr_dataset", "embedded", "--embedded_dir", "None", "--base_model", base.base_model, "--sft_dataset", base.sft_dataset,
                         "--preference_dataset", base.preference_dataset, "--output_dir", base.output_dir, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: SFT split 'train' row 0")
@@ -235,11 +235,11 @@ def test_data_ablation_flags_from_the_registry(detail, embedded_dir, tmp_path):
     assert detail.key in ABLATION_CHECKS, f"add an output check for the new data ablation {detail.key}"
     data = _write_small(embedded_dir, tmp_path / "data", n=60)
     base = _small_args(embedded_dir, data)
-    cli_args = ["embedded", "--base_model", base.base_model, "--sft_dataset", base.sft_dataset, "--preference_dataset",
+    cli_args = ["embedded", "--embedded_dir", "None", "--base_model", base.base_model, "--sft_dataset", base.sft_dataset, "--preference_dataset",
                 base.preference_dataset, "--output_dir", base.output_dir, "--no-figures", "--no-check_length_correctness",
                 *detail.ablation]
     args = tyro.extras.overridable_config_cli(PRESETS, args=cli_args, use_underscores=True)
-    assert args != PRESETS["embedded"][1]
+    assert args.embedded_dir is None and args != PRESETS["embedded"][1]
     main(args)
     sft, preference = _load(Path(base.output_dir))
     ABLATION_CHECKS[detail.key](sft, preference, AutoTokenizer.from_pretrained(f"{base.output_dir}/tokenizer"))
