@@ -7,12 +7,14 @@ atomic writes, seeding. Anything two stages need identically lives here exactly 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -80,7 +82,7 @@ def set_pad_token(tokenizer: Any, pad_token: PadChoice = PAD_TOKEN) -> Any:
     return tokenizer
 
 
-def check_pad_token(tokenizer: Any, allow_pad_equals_eos: bool = False) -> None:
+def check_pad_token(tokenizer: Any, allow_pad_equals_eos: bool = False, flag: str = "--pad_token eos") -> None:
     """Refuse a tokenizer without a pad token or whose pad token is its EOS (Detail 3.2)."""
     name = getattr(tokenizer, "name_or_path", "?")
     if tokenizer.pad_token_id is None:
@@ -89,7 +91,7 @@ def check_pad_token(tokenizer: Any, allow_pad_equals_eos: bool = False) -> None:
         raise UserInputError(
             f"tokenizer {name!r} pads with its EOS token (id {tokenizer.eos_token_id}): masking the padding "
             "would also mask EOS and the model would never learn to stop (Detail 3.2). Use a tokenizer with a "
-            "dedicated '[PAD]' token, or pass `--pad_token eos` to run this ablation on purpose"
+            f"dedicated '[PAD]' token, or pass `{flag}` to run this ablation on purpose"
         )
 
 
@@ -171,3 +173,152 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     np.random.seed(local_seed % 2**32)
     torch.manual_seed(local_seed)
     return local_seed
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: common arguments, batch sizes, data sharding, logging
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunArgs:
+    """Fields every training stage shares (the stage's own `Args` extends this)."""
+
+    exp_name: str = "run"
+    """experiment name; the run is `{exp_name}__{seed}__{unix time}`"""
+    seed: int = 1
+    """seed (G-2: each process uses seed + rank * 100003)"""
+    output_dir: str = "runs"
+    """the run directory `{output_dir}/{run_name}` holds the model, tables, metrics and TensorBoard logs"""
+    run_name: str | None = None
+    """fixed run name instead of `{exp_name}__{seed}__{unix time}`"""
+    track: bool = False
+    """also log to Weights & Biases (needs the `tracking` extra)"""
+    wandb_project_name: str = "tldr_summarize"
+    wandb_entity: str | None = None
+    deepspeed: bool = False
+    """Detail 8: train with DeepSpeed ZeRO-2 through accelerate (on CPU over gloo)"""
+    push_to_hub: bool = False
+    """push the trained model to the hub, one revision (branch) per run"""
+    hf_entity: str | None = None
+    """hub user/organisation for --push_to_hub"""
+    logging_steps: int = 10
+    """print one metrics line (and write TensorBoard) every this many updates"""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """mixed precision on GPU (the paper trains in bf16); CPU runs stay fp32"""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Derived batch sizes: `batch_size = local_micro_batch_size x gradient_accumulation_steps x world_size`."""
+
+    world_size: int
+    local_micro_batch_size: int
+    gradient_accumulation_steps: int
+    batch_size: int
+    num_updates: int
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.local_micro_batch_size * self.world_size
+
+
+def plan_batches(batch_size: int, local_micro_batch_size: int, world_size: int, total_examples: int, what: str) -> BatchPlan:
+    """Gradient accumulation from the global batch, with exact-division checks (one clear error)."""
+    if batch_size < 1 or local_micro_batch_size < 1:
+        raise UserInputError(f"--batch_size ({batch_size}) and --local_micro_batch_size ({local_micro_batch_size}) must be >= 1")
+    per_step = local_micro_batch_size * world_size
+    if batch_size % per_step:
+        raise UserInputError(
+            f"--batch_size {batch_size} is not divisible by --local_micro_batch_size {local_micro_batch_size} x "
+            f"{world_size} processes = {per_step}; choose sizes with batch_size = micro x accumulation x processes"
+        )
+    num_updates = total_examples // batch_size
+    if num_updates < 1:
+        raise UserInputError(f"{what}: {total_examples} examples are fewer than one batch of {batch_size}; lower --batch_size")
+    return BatchPlan(world_size, local_micro_batch_size, batch_size // per_step, batch_size, num_updates)
+
+
+def shard_micro_batches(
+    num_examples: int, plan: BatchPlan, rank: int, seed: int, per_rank_shuffle: bool = False
+) -> list[list[list[int]]]:
+    """G-2: for each update, this rank's micro-batches of example indices.
+
+    Default: ONE permutation (same seed on every rank); each global batch is cut into micro-batches of
+    `local_micro_batch_size` and micro-batch k goes to rank k % world_size, so every example is seen once
+    per epoch and the micro-batches do not depend on the number of processes. `per_rank_shuffle` is the
+    authors' RM/DPO behaviour (a different permutation per rank: some examples twice, some never).
+    """
+    generator = torch_generator(seed + (rank * 100003 if per_rank_shuffle else 0))
+    import torch
+
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    updates = []
+    for update in range(plan.num_updates):
+        batch = order[update * plan.batch_size : (update + 1) * plan.batch_size]
+        micro = [batch[i : i + plan.local_micro_batch_size] for i in range(0, plan.batch_size, plan.local_micro_batch_size)]
+        if per_rank_shuffle:  # each rank takes the first micro-batches of its own permutation's batch
+            micro = micro[: plan.gradient_accumulation_steps]
+        else:
+            micro = micro[rank :: plan.world_size]
+        updates.append(micro)
+    return updates
+
+
+def torch_generator(seed: int) -> Any:
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def make_run_name(args: RunArgs) -> str:
+    return args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
+
+
+class RunLogger:
+    """TensorBoard always (main process), Weights & Biases with --track; one printed line per call."""
+
+    def __init__(self, run_dir: Path, args: Any, is_main: bool):
+        self.is_main = is_main
+        self.writer = None
+        self.wandb = None
+        if not is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        config = dataclasses.asdict(args)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        if getattr(args, "track", False):
+            try:
+                import wandb
+            except ImportError as error:
+                raise UserInputError("--track needs wandb: pip install -e '.[tracking]'") from error
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=config,
+                                    dir=str(run_dir), sync_tensorboard=False)
+
+    def log(self, metrics: dict[str, float], step: int, prefix: str = "") -> None:
+        if not self.is_main:
+            return
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        shown = " ".join(f"{k.split('/')[-1] if k.count('/') == 1 else k}={v:.4g}" for k, v in metrics.items())
+        print(f"{prefix}step {step}: {shown}", flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def push_run_to_hub(folder: Path, args: RunArgs, run_name: str, repo_name: str) -> str:
+    """Upload `folder` to `{hf_entity}/{repo_name}` on the branch `run_name` (one revision per run)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    repo_id = f"{args.hf_entity}/{repo_name}"
+    api.create_repo(repo_id, exist_ok=True)
+    api.create_branch(repo_id, branch=run_name, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=run_name, commit_message=f"{run_name}")
+    return f"https://huggingface.co/{repo_id}/tree/{run_name}"

@@ -38,6 +38,9 @@ from summarize_from_feedback_details.core import CNNDM_BATCHES, atomic_directory
 
 EMBEDDED_VERSION = 2
 EOS_TOKEN = "<|endoftext|>"
+# The one learning rate that serves SFT, RM and PPO on the embedded task (G-1 at tiny scale; the paper's
+# 3e-6 is far too small for models trained for minutes).
+EMBEDDED_LR = 1e-3
 VOCAB_SIZE = 2048  # BPE vocabulary limit; the templated corpus saturates below it (every word one token)
 EMBEDDING_MULTIPLE = 64  # like Pythia (50,277 tokens in 50,304 rows): the added [PAD] fits without resizing
 

@@ -1,0 +1,198 @@
+"""Model-side pieces every stage must share exactly: the scalar reward model, forward and generate
+wrappers, the first-EOS rule, dropout removal, masked statistics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+# ----------------------------------------------------------------------------------------------
+# Detail 7: no dropout anywhere
+# ----------------------------------------------------------------------------------------------
+DROPOUT_CONFIG_KEYS = (
+    "attention_dropout", "hidden_dropout", "classifier_dropout", "attn_pdrop", "embd_pdrop", "resid_pdrop",
+    "summary_first_dropout", "dropout", "activation_dropout",
+)
+
+
+def dropout_free_config(config: PretrainedConfig) -> PretrainedConfig:
+    """Detail 7: set every dropout probability of `config` to 0 (log-probs must be reproducible)."""
+    for key in DROPOUT_CONFIG_KEYS:
+        if isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+    return config
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Detail 7: set p = 0 on every `nn.Dropout` of `model` (also catches modules the config misses)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward / generate on padded sequences (Detail 3.2: pad ids become 0 and are masked)
+# ----------------------------------------------------------------------------------------------
+def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Detail 3.2: inputs with pad ids replaced by 0 and `attention_mask = tokens != pad`.
+    G-3: position ids are left to the model (not re-based for left padding, as the authors did)."""
+    attention_mask = tokens != pad_token_id  # Detail G-3: no position_ids, so no re-basing for left pads
+    return {"input_ids": tokens.masked_fill(~attention_mask, 0), "attention_mask": attention_mask}
+
+
+def first_true_indices(bools: torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Index of the first True in each row of `bools` (B, T); T where a row has none."""
+    row_len = bools.size(-1)
+    positions = torch.arange(row_len, dtype=dtype, device=bools.device)
+    return torch.where(bools, positions, row_len).min(-1).values
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Detail 23.2: every token after the first EOS becomes the pad token (the EOS itself stays)."""
+    eos = first_true_indices(responses == eos_token_id)  # Detail 23.2
+    positions = torch.arange(responses.size(1), device=responses.device)
+    return responses.masked_fill(positions[None, :] > eos[:, None], pad_token_id)
+
+
+@torch.no_grad()
+def generate(model: Any, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float) -> torch.Tensor:
+    """Sample exactly `response_length` tokens after left-padded `queries`; returns (B, response_length).
+
+    Detail 23.1: EOS does not stop generation (no logits processor suppresses or stops at EOS: HF
+    `generate` with `min_new_tokens` would forbid EOS until the last token under transformers 5).
+    G-3: positions continue the training forward's (0..T-1 counting the left pads, never re-based), so
+    the sampler and the training forward see the same positions. Uses the KV cache; a test checks the
+    cached logits equal a full forward.
+    """
+    return sample(model, queries, pad_token_id, response_length, temperature)[0]
+
+
+def sample(
+    model: Any, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-length sampling from softmax(logits / temperature); returns (responses (B, L), the
+    temperature-scaled logits that produced them (B, L, V)) -- P-1: the rollout's log-probs come from
+    these scaled scores."""
+    inputs = model_inputs(queries, pad_token_id)
+    attention_mask = inputs["attention_mask"]
+    batch, context = queries.shape
+    positions = torch.arange(context, device=queries.device).expand(batch, -1)
+    out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    tokens, scores = [], []
+    for step in range(response_length):  # Detail 23.1: a fixed number of tokens, EOS does not stop
+        logits = out.logits[:, -1].float() / temperature
+        probs = torch.softmax(logits, dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator)
+        tokens.append(token)
+        scores.append(logits)
+        if step == response_length - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        position = torch.full((batch, 1), context + step, device=queries.device)
+        out = model(input_ids=token, attention_mask=attention_mask, position_ids=position,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(tokens, dim=1), torch.stack(scores, dim=1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum()
+    return (values * mask).sum(dim) / mask.sum(dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# The scalar reward model (Details 11, 12, 15), defined once: reward.py trains it, ppo.py loads it.
+# ----------------------------------------------------------------------------------------------
+class ScalarModelConfig(PretrainedConfig):
+    model_type = "sffd_scalar_model"
+
+    def __init__(self, base_config: dict | None = None, base_model: str | None = None, bias: float = 0.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.base_config = base_config or {}
+        """the backbone's config as a dict (its model_type picks the architecture)"""
+        self.base_model = base_model
+        """where the backbone came from (informational)"""
+        self.bias = float(bias)
+        """Detail 15: subtracted from every output so SFT references score 0 on average"""
+
+    @property
+    def backbone_config(self) -> PretrainedConfig:
+        base = dict(self.base_config)
+        return AutoConfig.for_model(base.pop("model_type"), **base)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.base_config["hidden_size"])
+
+
+class ScalarModel(PreTrainedModel):
+    """A transformers backbone + `Linear(d, 1)` head; `forward` returns the per-token scores minus `bias`.
+
+    transformers 5 rule: the backbone is built from its config here and its weights come through the
+    outer `from_pretrained` (never `from_pretrained` inside `__init__`), or checkpoints will not reload.
+    """
+
+    config_class = ScalarModelConfig
+    base_model_prefix = "backbone"
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: ScalarModelConfig):
+        super().__init__(config)
+        self.backbone = AutoModel.from_config(dropout_free_config(config.backbone_config))
+        self.scalar_head = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+        self.reset_head()
+
+    def reset_head(self) -> None:
+        """Detail 11: head weight ~ N(0, 1/sqrt(d_model + 1)), bias 0."""
+        with torch.no_grad():  # Detail 11
+            self.scalar_head.weight.normal_(0.0, 1.0 / math.sqrt(self.config.hidden_size + 1))
+            self.scalar_head.bias.zero_()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is self.scalar_head:
+            self.reset_head()
+        elif hasattr(self.backbone, "_init_weights"):
+            self.backbone._init_weights(module)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return self.scalar_head(hidden).squeeze(-1) - self.config.bias  # Detail 15
+
+    @classmethod
+    def from_backbone(cls, name_or_path: str) -> ScalarModel:
+        """Detail 10: a new reward model whose backbone is the (SFT) causal LM at `name_or_path`."""
+        from transformers.utils import logging
+
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # the causal LM's output head is expectedly unused here
+        try:
+            backbone = AutoModel.from_pretrained(name_or_path)
+        finally:
+            logging.set_verbosity(verbosity)
+        config = ScalarModelConfig(base_config=backbone.config.to_dict(), base_model=name_or_path)
+        model = cls(config)
+        missing, unexpected = model.backbone.load_state_dict(backbone.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"backbone weights of {name_or_path} do not fit: missing {missing}, unexpected {unexpected}")
+        return model
+
+
+def sequence_scores(model: ScalarModel, tokens: torch.Tensor, pad_token_id: int, context_length: int = 0) -> torch.Tensor:
+    """Detail 12: the reward of each sequence is the head's output at its last non-pad token after
+    `context_length` (the EOS for well-formed, right-padded responses). Returns (B,)."""
+    per_token = model(**model_inputs(tokens, pad_token_id))
+    # Detail 12: the last non-pad position of the response (right padding after EOS).
+    last = first_true_indices(tokens[:, context_length:] == pad_token_id) - 1 + context_length
+    return per_token[torch.arange(tokens.size(0), device=tokens.device), last]
+
+
+AutoConfig.register(ScalarModelConfig.model_type, ScalarModelConfig)
+AutoModel.register(ScalarModelConfig, ScalarModel)

@@ -1,0 +1,248 @@
+"""Reward-model stage: Bradley-Terry training on the comparisons, accuracy by split / batch / confidence,
+normalisation on the SFT references (SPEC Details 10-16, G-2).
+
+    python -m summarize_from_feedback_details.reward embedded --sft_model_path runs/sft__1__.../model
+    torchrun --nproc_per_node 2 -m summarize_from_feedback_details.reward embedded --sft_model_path ...
+
+Reads like the paper: SFT backbone + a scalar head (Detail 11) -> one epoch of -log sigmoid(r_chosen -
+r_rejected) with the reward read at EOS (Detail 12) -> validation accuracy overall, per split, batch and
+confidence (Detail 16), left- vs right-padding check (Detail 14) -> normalise so the SFT references score
+0 on average (Detail 15) -> save (the bias is part of the checkpoint).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from summarize_from_feedback_details.core import (
+    RunArgs,
+    cli,
+    column,
+    plan_batches,
+    push_run_to_hub,
+    shard_micro_batches,
+)
+from summarize_from_feedback_details.modeling import ScalarModel, disable_dropout, sequence_scores
+from summarize_from_feedback_details.training import (
+    Stage,
+    batch_tensor,
+    check_model_path,
+    check_vocabulary,
+    load_processed_split,
+    make_optimizer_and_scheduler,
+    require_columns,
+    shard_range,
+)
+
+PAIR_COLUMNS = ["query_chosen_token", "query_rejected_token", "query_token", "chosen_token", "rejected_token",
+                "batch", "extra", "policies", "chosen_policy", "rejected_policy"]
+
+
+@dataclass
+class Args(RunArgs):
+    exp_name: str = "reward"
+    """experiment name; the run is `{exp_name}__{seed}__{unix time}`"""
+    sft_model_path: str = "models/sft_model"
+    """Detail 10: the SFT checkpoint the reward model starts from (hub id or local path)"""
+    dataset: str = "datasets/tldr"
+    """output directory of `tldr_dataset` (with preference/, sft/ and tokenizer/) or a hub id"""
+    sft_dataset: str | None = None
+    """hub id of the processed SFT data for the normalisation (default: `{dataset}/sft`)"""
+    lr: float = 3e-6
+    """G-1: one learning rate for every stage (AdamW)"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Detail 10: cosine decay"""
+    warm_up_steps: int = 0
+    """learning-rate warm-up updates"""
+    num_train_epochs: int = 1
+    """Detail 10: one epoch over the train comparisons"""
+    total_episodes: int | None = None
+    """comparisons to consume (default: epochs x train split size); for quick runs"""
+    batch_size: int = 64
+    """global batch of comparisons = local_micro_batch_size x accumulation x processes"""
+    local_micro_batch_size: int = 8
+    """comparisons per forward pass per process (each is two sequences)"""
+    local_eval_batch_size: int = 32
+    """comparisons per evaluation forward per process"""
+    per_rank_shuffle: bool = False
+    """G-2 known deviation of the authors: every rank shuffles with its own permutation (about a third of the pairs never seen)"""
+    normalize_reward: bool = True
+    """Detail 15: store the mean score of the SFT train references as the bias, so references average 0"""
+    normalization_samples: int | None = None
+    """score only the first N SFT train references for the bias (default: all)"""
+    eval_splits: tuple[str, ...] = ("validation", "validation_cnndm")
+    """preference splits scored at the end (Detail 16)"""
+    max_eval_samples: int | None = None
+    """score only the first N comparisons of each split (default: all)"""
+    padding_check_samples: int = 256
+    """Detail 14: validation pairs scored both left- and right-padded"""
+    allow_pad_equals_eos: bool = False
+    """accept a dataset whose pad token is EOS (the Detail 3.2 ablation); refused otherwise"""
+
+
+def bradley_terry_loss(chosen: Any, rejected: Any) -> Any:
+    """Detail 10: -log sigmoid(r_chosen - r_rejected), mean over pairs."""
+    import torch.nn.functional as F
+
+    # Detail 10: the Bradley-Terry loss of the paper.
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def pair_scores(model: Any, chosen: Any, rejected: Any, pad: int) -> tuple[Any, Any]:
+    """Scores of right-padded `query + chosen` and `query + rejected` in one forward pass (Detail 12)."""
+    import torch
+
+    scores = sequence_scores(model, torch.cat([chosen, rejected]), pad)  # Detail 12: read at EOS
+    return scores[: len(chosen)], scores[len(chosen):]
+
+
+def accuracy_breakdown(table: Any) -> dict[str, float]:
+    """Detail 16: accuracy overall, per split, per labelling batch and per confidence level."""
+    # Detail 16: labelling batches and confidence levels differ in how learnable they are.
+    metrics = {"eval/accuracy": float(table["correct"].mean())}
+    for key in ("split", "batch", "confidence"):
+        for value, group in table.groupby(key, dropna=False):
+            metrics[f"eval/accuracy/{key}/{value}"] = float(group["correct"].mean())
+    return metrics
+
+
+def main(args: Args) -> dict[str, Any]:
+    import pandas as pd
+    import torch
+    from accelerate.utils import gather_object
+
+    stage = Stage.start(args)
+    # ---- data (checked before any model is loaded)
+    train = load_processed_split(args.dataset, "preference", "train")
+    require_columns(train, ["query_chosen_token", "query_rejected_token"], f"{args.dataset} preference/train")
+    eval_data = {split: load_processed_split(args.dataset, "preference", split) for split in args.eval_splits}
+    for split, ds in eval_data.items():
+        require_columns(ds, PAIR_COLUMNS, f"{args.dataset} preference/{split}")
+    references = load_processed_split(args.sft_dataset or args.dataset, "sft", "train") if args.normalize_reward else None
+    if references is not None:
+        require_columns(references, ["query_reference_response_token"], "SFT train (normalisation)")
+    tokenizer = stage.load_tokenizer(args.dataset, args.sft_model_path, args.allow_pad_equals_eos)
+    total = args.total_episodes if args.total_episodes is not None else args.num_train_epochs * len(train)
+    plan = plan_batches(args.batch_size, args.local_micro_batch_size, stage.world_size, total, "reward model")
+    check_model_path(args.sft_model_path, "--sft_model_path")
+    stage.print(f"reward model: {len(train)} comparisons, {plan}")
+    stage.open_run()
+
+    # ---- model: Detail 10/11, SFT backbone + Linear(d, 1) head ~ N(0, 1/sqrt(d+1)); dropout off (Detail 7)
+    # Detail 10/11: SFT backbone + new head; Detail 7: dropout off.
+    model = disable_dropout(ScalarModel.from_backbone(args.sft_model_path))
+    check_vocabulary(model.config.backbone_config, tokenizer, args.sft_model_path)
+    optimizer, scheduler = make_optimizer_and_scheduler(model, args.lr, args.eps, args.scheduler, args.warm_up_steps, plan.num_updates)
+    accelerator = stage.accelerator(plan)
+    # The scheduler stays unprepared: accelerate would step it once per process per update.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    pad = tokenizer.pad_token_id
+
+    # ---- train: G-2, each comparison once per epoch across all processes (one sharded permutation)
+    epochs = -(-plan.num_updates * plan.batch_size // len(train))
+    # Detail G-2: one sharded permutation per epoch (--per_rank_shuffle: the authors' per-rank permutations).
+    updates = [u for e in range(epochs) for u in shard_micro_batches(len(train), plan, stage.rank, args.seed + e, args.per_rank_shuffle)]
+    model.train()
+    start = time.time()
+    for update, micro_batches in enumerate(stage.progress(updates[: plan.num_updates], "RM updates"), start=1):
+        stats = []
+        for indices in micro_batches:
+            rows = train.select(indices)
+            with accelerator.accumulate(model):
+                chosen, rejected = pair_scores(model, batch_tensor(rows, "query_chosen_token", accelerator.device),
+                                               batch_tensor(rows, "query_rejected_token", accelerator.device), pad)
+                loss = bradley_terry_loss(chosen, rejected)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            stats.append(torch.stack([loss.detach(), (chosen > rejected).float().mean().detach(), (chosen - rejected).mean().detach()]))
+        scheduler.step()  # once per update, after the accumulated optimizer step
+        if update % args.logging_steps == 0 or update == plan.num_updates:
+            loss, accuracy, margin = accelerator.gather(torch.stack(stats).mean(0)[None]).mean(0).tolist()
+            stage.log({"train/loss": loss, "train/accuracy": accuracy, "train/margin": margin, "train/lr": scheduler.get_last_lr()[0],
+                       "train/episodes": update * plan.batch_size}, update)
+    metrics: dict[str, Any] = {"train/seconds": round(time.time() - start, 1)}
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+
+    # ---- evaluate: Detail 16, accuracy overall / per split / batch / confidence; every pair's scores saved
+    rows_out: list[dict[str, Any]] = []
+    padding_diffs: list[float] = []
+    with torch.no_grad():
+        for split, dataset in eval_data.items():
+            n = len(dataset) if args.max_eval_samples is None else min(args.max_eval_samples, len(dataset))
+            shard = shard_range(n, stage.rank, stage.world_size)
+            for start_index in range(shard.start, shard.stop, args.local_eval_batch_size):
+                batch = dataset.select(range(start_index, min(start_index + args.local_eval_batch_size, shard.stop)))
+                chosen, rejected = pair_scores(unwrapped, batch_tensor(batch, "query_chosen_token", accelerator.device),
+                                               batch_tensor(batch, "query_rejected_token", accelerator.device), pad)
+                for k, (extra, batch_name) in enumerate(zip(column(batch, "extra"), column(batch, "batch"), strict=True)):
+                    rows_out.append({
+                        "split": split, "batch": batch_name, "confidence": (extra or {}).get("confidence"),
+                        "policies": column(batch, "policies")[k], "chosen_policy": column(batch, "chosen_policy")[k],
+                        "rejected_policy": column(batch, "rejected_policy")[k],
+                        "chosen_score": chosen[k].item(), "rejected_score": rejected[k].item(),
+                    })
+                # Detail 14: [left-padded query | right-padded response] vs right-padded query.strip() + response
+                if split == "validation" and start_index - shard.start < args.padding_check_samples // stage.world_size:
+                    query = batch_tensor(batch, "query_token", accelerator.device)
+                    left = sequence_scores(unwrapped, torch.cat([query, batch_tensor(batch, "chosen_token", accelerator.device)], 1),
+                                           pad, context_length=query.size(1))
+                    padding_diffs.extend((left - chosen).tolist())
+    table_rows, diffs = gather_object(rows_out), gather_object(padding_diffs)
+    if stage.is_main:
+        table = pd.DataFrame(table_rows)
+        table["correct"] = table["chosen_score"] > table["rejected_score"]
+        table["margin"] = table["chosen_score"] - table["rejected_score"]
+        table.to_csv(stage.run_dir / "eval_comparisons.csv", index=False)
+        metrics.update(accuracy_breakdown(table))
+        abs_diffs = torch.tensor(diffs).abs()
+        metrics["eval/padding/mean_abs_diff"] = float(abs_diffs.mean())
+        metrics["eval/padding/share_above_1e-2"] = float((abs_diffs > 1e-2).float().mean())
+
+    # ---- normalise on the SFT references; the bias is stored in the config and saved
+    if references is not None:  # Detail 15: references score 0 on average after this
+        n = len(references) if args.normalization_samples is None else min(args.normalization_samples, len(references))
+        shard = shard_range(n, stage.rank, stage.world_size)
+        scores = []
+        with torch.no_grad():
+            for start_index in range(shard.start, shard.stop, args.local_eval_batch_size):
+                batch = references.select(range(start_index, min(start_index + args.local_eval_batch_size, shard.stop)))
+                scores.extend(sequence_scores(unwrapped, batch_tensor(batch, "query_reference_response_token", accelerator.device), pad).tolist())
+        all_scores = gather_object(scores)
+        shift = float(torch.tensor(all_scores).mean())
+        bias = unwrapped.config.bias + shift
+        unwrapped.config.bias = bias
+        metrics.update({"normalization/bias": bias, "normalization/references": len(all_scores)})
+        if stage.is_main:
+            table = pd.read_csv(stage.run_dir / "eval_comparisons.csv")
+            table[["chosen_score", "rejected_score"]] -= shift
+            table.to_csv(stage.run_dir / "eval_comparisons.csv", index=False)
+    stage.log({k: v for k, v in metrics.items() if k.count("/") <= 1 or k.startswith("eval/accuracy/split")}, plan.num_updates)
+
+    stage.save_model(accelerator, model, tokenizer)
+    summary = stage.finish({**metrics, "num_updates": plan.num_updates})
+    if args.push_to_hub and stage.is_main:
+        summary["hub_url"] = push_run_to_hub(stage.run_dir / "model", args, stage.run_name, f"{Path(args.sft_model_path).name}__reward__tldr")
+    return summary
+
+
+def embedded_args() -> Args:
+    """The reward model on the embedded offline task (needs an SFT run; pass --sft_model_path)."""
+    from summarize_from_feedback_details.embedded import EMBEDDED_LR
+
+    return Args(dataset="datasets/embedded", lr=EMBEDDED_LR, batch_size=32, local_micro_batch_size=16, local_eval_batch_size=64)
+
+
+PRESETS = {
+    "pythia": ("The paper: from the SFT checkpoint, lr 3e-6, batch 64, 1 epoch, bf16 on GPU.", Args(mixed_precision="bf16")),
+    "embedded": ("The embedded offline task on CPU (pass --sft_model_path of an embedded SFT run).", embedded_args()),
+}
+
+if __name__ == "__main__":
+    cli(PRESETS, main, description=__doc__.splitlines()[0])

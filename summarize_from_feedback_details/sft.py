@@ -1,0 +1,174 @@
+"""SFT stage: supervised fine-tuning on the TL;DR references, evaluated with ROUGE (SPEC Details 7, 9).
+
+    python -m summarize_from_feedback_details.sft embedded                               # offline task, CPU
+    accelerate launch --config_file scripts/accelerate/deepspeed_zero2.yaml -m summarize_from_feedback_details.sft pythia \\
+        --base_model EleutherAI/pythia-1b-deduped --dataset me/tldr_processed --deepspeed
+    torchrun --nproc_per_node 2 -m summarize_from_feedback_details.sft embedded         # 2-process data parallel on CPU
+
+Reads like the paper: load the processed data -> build the policy from the base model -> one epoch of
+next-token loss on `query + reference` -> sample 53 tokens at T 0.01 on validation and test -> ROUGE.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from summarize_from_feedback_details.core import (
+    RunArgs,
+    cli,
+    plan_batches,
+    push_run_to_hub,
+    shard_micro_batches,
+)
+from summarize_from_feedback_details.training import (
+    Stage,
+    batch_tensor,
+    check_model_path,
+    evaluate_generations,
+    load_causal_lm,
+    load_processed_split,
+    make_optimizer_and_scheduler,
+    require_columns,
+)
+
+
+@dataclass
+class Args(RunArgs):
+    exp_name: str = "sft"
+    """experiment name; the run is `{exp_name}__{seed}__{unix time}`"""
+    base_model: str = "EleutherAI/pythia-1b-deduped"
+    """hub id or local path of the pre-trained causal LM"""
+    dataset: str = "datasets/tldr"
+    """output directory of `tldr_dataset` (with sft/ and tokenizer/) or a hub id of such a dataset"""
+    lr: float = 3e-6
+    """G-1: one learning rate for every stage (AdamW)"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Detail 9: cosine decay, no warm-up"""
+    warm_up_steps: int = 0
+    """learning-rate warm-up updates"""
+    num_train_epochs: int = 1
+    """Detail 9: one epoch over the SFT train split"""
+    total_episodes: int | None = None
+    """training examples to consume (default: epochs x train split size); for quick runs"""
+    batch_size: int = 128
+    """global batch = local_micro_batch_size x gradient accumulation x processes"""
+    local_micro_batch_size: int = 16
+    """examples per forward pass per process"""
+    local_eval_batch_size: int = 16
+    """queries per generation batch per process"""
+    completion_only_loss: bool = False
+    """Detail 9 ablation: loss on the reference tokens only (the authors train on the query tokens too)"""
+    temperature: float = 0.01
+    """Detail 9: sampling temperature of the evaluation"""
+    eval_splits: tuple[str, ...] = ("validation", "test")
+    """splits sampled and scored with ROUGE at the end"""
+    max_eval_samples: int | None = None
+    """score only the first N queries of each split (default: all)"""
+    eval_before_training: bool = False
+    """also score the untrained base model (metrics prefixed `base/`)"""
+    allow_pad_equals_eos: bool = False
+    """accept a dataset whose pad token is EOS (the Detail 3.2 ablation); refused otherwise"""
+
+
+def sft_loss(logits: Any, labels: Any, pad_token_id: int) -> Any:
+    """Detail 9: next-token cross-entropy over every non-pad label position (mean over tokens)."""
+    import torch.nn.functional as F
+
+    shifted = labels[:, 1:]
+    mask = shifted != pad_token_id
+    return F.cross_entropy(logits[:, :-1][mask], shifted[mask])
+
+
+def main(args: Args) -> dict[str, Any]:
+    import torch
+
+    stage = Stage.start(args)
+    # ---- data (checked before any model is loaded)
+    train = load_processed_split(args.dataset, "sft", "train")
+    # Detail 9: the loss covers query + reference (pads ignored); --completion_only_loss masks the query.
+    label_column = "query_reference_response_token_response_label" if args.completion_only_loss else "query_reference_response_token"
+    require_columns(train, ["query_reference_response_token", label_column], f"{args.dataset} sft/train")
+    eval_data = {split: load_processed_split(args.dataset, "sft", split) for split in args.eval_splits}
+    for split, ds in eval_data.items():
+        require_columns(ds, ["query_token", "query_reference_response_token", "reference_response"], f"{args.dataset} sft/{split}")
+    tokenizer = stage.load_tokenizer(args.dataset, args.base_model, args.allow_pad_equals_eos)
+    response_length = len(train[0]["reference_response_token"])
+    total = args.total_episodes if args.total_episodes is not None else args.num_train_epochs * len(train)
+    plan = plan_batches(args.batch_size, args.local_micro_batch_size, stage.world_size, total, "SFT")
+    stage.print(f"SFT: {len(train)} examples, {plan}, response length {response_length}")
+    check_model_path(args.base_model, "--base_model")
+    stage.open_run()
+
+    # ---- model: the policy starts from the base model, dropout off (Detail 7)
+    model = load_causal_lm(args.base_model, tokenizer)  # Detail 7: dropout off
+    # Detail G-1: AdamW, one learning rate, eps 1e-5; Detail 9: cosine schedule without warm-up.
+    optimizer, scheduler = make_optimizer_and_scheduler(model, args.lr, args.eps, args.scheduler, args.warm_up_steps, plan.num_updates)
+    accelerator = stage.accelerator(plan)  # Detail 8: accelerate data parallelism, DeepSpeed ZeRO-2 with --deepspeed
+    # The scheduler stays unprepared: accelerate would step it once per process per update.
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    metrics: dict[str, float] = {}
+    if args.eval_before_training:
+        metrics.update(evaluate_generations(stage, model, eval_data, tokenizer, response_length, args, prefix="base", loss_fn=sft_loss))
+
+    # ---- train: Detail 9, one epoch of next-token loss on query + reference (pads ignored)
+    pad = tokenizer.pad_token_id
+    epochs = -(-plan.num_updates * plan.batch_size // len(train))
+    # Detail G-2: one permutation per epoch, sharded over the processes.
+    updates = [u for e in range(epochs) for u in shard_micro_batches(len(train), plan, stage.rank, args.seed + e)][: plan.num_updates]
+    model.train()
+    start = time.time()
+    for update, micro_batches in enumerate(stage.progress(updates, "SFT updates"), start=1):
+        losses = []
+        for indices in micro_batches:
+            rows = train.select(indices)
+            tokens = batch_tensor(rows, "query_reference_response_token", accelerator.device)
+            labels = batch_tensor(rows, label_column, accelerator.device)
+            with accelerator.accumulate(model):
+                logits = model(**stage.inputs(tokens, pad)).logits
+                loss = sft_loss(logits, labels, pad)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            losses.append(loss.detach())
+        scheduler.step()  # once per update, after the accumulated optimizer step
+        if update % args.logging_steps == 0 or update == plan.num_updates:
+            loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
+            stage.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
+                       "train/episodes": update * plan.batch_size, "train/episodes_per_second": update * plan.batch_size / (time.time() - start)}, update)
+    metrics["train/seconds"] = round(time.time() - start, 1)
+
+    # ---- evaluate: Detail 9, 53 tokens at T 0.01, truncated after the first EOS, ROUGE + validation loss
+    metrics.update(evaluate_generations(stage, model, eval_data, tokenizer, response_length, args, prefix="eval", loss_fn=sft_loss))
+    stage.log({k: v for k, v in metrics.items() if k.startswith(("eval/", "base/"))}, plan.num_updates)
+
+    # ---- save: the model loads with AutoModelForCausalLM (+ tokenizer), written atomically
+    stage.save_model(accelerator, model, tokenizer)
+    summary = stage.finish({**metrics, "num_updates": plan.num_updates, "response_length": response_length})
+    if args.push_to_hub and stage.is_main:
+        summary["hub_url"] = push_run_to_hub(stage.run_dir / "model", args, stage.run_name, f"{Path(args.base_model).name}__sft__tldr")
+    return summary
+
+
+def embedded_args(embedded_dir: str = "assets/embedded", size: str = "tiny-pythia-s") -> Args:
+    """SFT on the embedded offline task: same code path, CPU-sized batches, the embedded learning rate."""
+    from summarize_from_feedback_details.embedded import EMBEDDED_LR
+
+    return Args(
+        base_model=f"{embedded_dir}/models/{size}", dataset="datasets/embedded", lr=EMBEDDED_LR, batch_size=32,
+        local_micro_batch_size=16, local_eval_batch_size=100, eval_before_training=True,
+    )
+
+
+PRESETS = {
+    "pythia": ("The paper: Pythia, lr 3e-6, batch 128, 1 epoch, bf16 on GPU.", Args(mixed_precision="bf16")),
+    "embedded": ("The embedded offline task on CPU (run tldr_dataset embedded first).", embedded_args()),
+}
+
+if __name__ == "__main__":
+    cli(PRESETS, main, description=__doc__.splitlines()[0])

@@ -1,0 +1,318 @@
+"""What the training stages (sft, reward, ppo, dpo) share: the run (processes, seeding, run directory,
+logging, saving), loading the processed data and models, optimizer and schedule, generation evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from summarize_from_feedback_details.core import (
+    BatchPlan,
+    RunArgs,
+    RunLogger,
+    UserInputError,
+    atomic_directory,
+    check_pad_token,
+    column,
+    load_tokenizer,
+    looks_like_local_path,
+    make_run_name,
+    seed_everything,
+    write_json,
+)
+from summarize_from_feedback_details.modeling import (
+    disable_dropout,
+    dropout_free_config,
+    generate,
+    model_inputs,
+    truncate_after_eos,
+)
+
+
+@dataclasses.dataclass
+class Stage:
+    """One run of a stage on this process: rank, run directory, logger and the accelerator."""
+
+    args: Any
+    run_name: str
+    run_dir: Path
+    rank: int
+    world_size: int
+    is_main: bool
+    state: Any
+    logger: RunLogger | None = None
+    _accelerator: Any = None
+
+    @classmethod
+    def start(cls, args: RunArgs) -> Stage:
+        """Initialise the processes and G-2 seeding; `open_run` creates the run directory once inputs are checked."""
+        import torch
+        from accelerate import PartialState
+
+        cpu = not torch.cuda.is_available()
+        # On CPU, torchrun processes must join a gloo group explicitly: a plain Accelerator() silently does
+        # not synchronise gradients there (ARCHITECTURE.md). DeepSpeed needs the group before accelerate.
+        state = PartialState(cpu=cpu, backend="gloo" if cpu and "WORLD_SIZE" in os.environ else None)
+        run_name = make_run_name(args)
+        if state.num_processes > 1:  # every rank must use the main process's run name
+            from accelerate.utils import broadcast_object_list
+
+            run_name = broadcast_object_list([run_name])[0]
+        seed_everything(args.seed, state.process_index)
+        run_dir = Path(args.output_dir) / run_name
+        return cls(args, run_name, run_dir, state.process_index, state.num_processes, state.is_main_process, state)
+
+    def open_run(self) -> None:
+        """Create the run directory with the resolved args, and the logger (after the inputs were checked)."""
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "args.json", {**dataclasses.asdict(self.args), "run_name": self.run_name, "world_size": self.world_size})
+        self.logger = RunLogger(self.run_dir, self.args, self.is_main)
+
+    def accelerator(self, plan: BatchPlan) -> Any:
+        """The accelerator for `plan`: gradient accumulation, DeepSpeed ZeRO-2 (Detail 8) when asked."""
+        import torch
+        from accelerate import Accelerator
+
+        kwargs: dict[str, Any] = {"gradient_accumulation_steps": plan.gradient_accumulation_steps}
+        if self.args.deepspeed:
+            from accelerate.utils import DeepSpeedPlugin
+
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+                zero_stage=2, gradient_accumulation_steps=plan.gradient_accumulation_steps, gradient_clipping=0.0
+            )  # Detail 20: no gradient clipping (0 disables it in DeepSpeed; "auto" would clip)
+        if torch.cuda.is_available():
+            kwargs["mixed_precision"] = self.args.mixed_precision
+        elif not self.args.deepspeed:  # cpu=True would silently drop the DeepSpeed plugin
+            kwargs["cpu"] = True
+        self._accelerator = Accelerator(**kwargs)
+        if self.args.deepspeed:  # no prepared dataloader tells DeepSpeed the micro-batch size
+            config = self._accelerator.state.deepspeed_plugin.deepspeed_config
+            config["train_micro_batch_size_per_gpu"] = plan.local_micro_batch_size
+            config["gradient_clipping"] = 0.0
+        if self.args.deepspeed and self._accelerator.state.deepspeed_plugin is None:
+            raise RuntimeError("--deepspeed was asked for but accelerate did not enable DeepSpeed")
+        if self._accelerator.num_processes != self.world_size:
+            raise RuntimeError(f"accelerate sees {self._accelerator.num_processes} processes, torch.distributed {self.world_size}")
+        return self._accelerator
+
+    def inputs(self, tokens: Any, pad_token_id: int) -> dict[str, Any]:
+        return model_inputs(tokens, pad_token_id)
+
+    def print(self, *values: Any) -> None:
+        if self.is_main:
+            print(*values, flush=True)
+
+    def progress(self, items: list, desc: str) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, disable=not self.is_main, mininterval=2.0)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.logger.log(metrics, step)
+
+    def load_tokenizer(self, dataset: str, base_model: str, allow_pad_equals_eos: bool) -> Any:
+        """The tokenizer the data was made with (`{dataset}/tokenizer`), else the base model's with [PAD]."""
+        from transformers import AutoTokenizer
+
+        local = Path(dataset) / "tokenizer"
+        if local.is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(str(local))
+        else:
+            tokenizer = load_tokenizer(base_model, "eos" if allow_pad_equals_eos else "[PAD]")
+        check_pad_token(tokenizer, allow_pad_equals_eos, flag="--allow_pad_equals_eos")  # Detail 3.2
+        return tokenizer
+
+    def save_model(self, accelerator: Any, model: Any, tokenizer: Any, name: str = "model") -> Path:
+        """`save_pretrained` (+ tokenizer) into `{run_dir}/{name}`, atomically: a crash leaves no partial checkpoint."""
+        accelerator.wait_for_everyone()
+        state_dict = accelerator.get_state_dict(model)
+        path = self.run_dir / name
+        if self.is_main:
+            with atomic_directory(path) as tmp:
+                accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+                tokenizer.save_pretrained(str(tmp))
+        accelerator.wait_for_everyone()
+        return path
+
+    def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Write metrics.json, close the logger, end the process group (else ~40% of runs crash at exit)."""
+        import torch.distributed as dist
+
+        summary = {"run_dir": str(self.run_dir), "run_name": self.run_name, "world_size": self.world_size, **metrics}
+        if self.is_main:
+            write_json(self.run_dir / "metrics.json", summary)
+        if self.logger is not None:
+            self.logger.close()
+        if self._accelerator is not None:
+            self._accelerator.end_training()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and models
+# ----------------------------------------------------------------------------------------------
+def load_processed_split(dataset: str, name: str, split: str) -> Any:
+    """Split `split` of the processed `name` dataset ("sft" or "preference"): `{dataset}/{name}` written by
+    `tldr_dataset`, or a hub id of a processed dataset."""
+    import datasets
+
+    if looks_like_local_path(dataset):
+        path = Path(dataset) / name
+        if not path.is_dir():
+            raise UserInputError(
+                f"{path} does not exist: --dataset must be a directory written by tldr_dataset (run "
+                "`python -m summarize_from_feedback_details.tldr_dataset embedded` first) or a hub id"
+            )
+        loaded = datasets.load_from_disk(str(path))
+        if split not in loaded:
+            raise UserInputError(f"{path} has no split {split!r} (it has {list(loaded)})")
+        return loaded[split]
+    try:
+        return datasets.load_dataset(dataset, split=split)
+    except Exception as error:  # noqa: BLE001 - any hub failure is reported as one line
+        raise UserInputError(f"cannot load split {split!r} of the dataset {dataset!r}: {error}") from error
+
+
+def require_columns(dataset: Any, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise UserInputError(f"{what} lacks the column(s) {missing}; process it with tldr_dataset (Detail 5)")
+
+
+def check_model_path(path: str, what: str) -> None:
+    if looks_like_local_path(path) and not (Path(path) / "config.json").exists():
+        raise UserInputError(f"{what} {path!r} is not a saved model (no config.json there); check the path or run the stage that makes it")
+
+
+def load_causal_lm(path: str, tokenizer: Any) -> Any:
+    """A causal LM with dropout off (Detail 7) whose embedding holds the tokenizer's [PAD] id."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_path(path, "model")
+    config = dropout_free_config(AutoConfig.from_pretrained(path))
+    model = AutoModelForCausalLM.from_pretrained(path, config=config)
+    check_vocabulary(model.config, tokenizer, path)
+    return disable_dropout(model)
+
+
+def check_vocabulary(config: Any, tokenizer: Any, path: str) -> None:
+    rows = getattr(config, "vocab_size", None) or config.backbone_config.vocab_size
+    if max(tokenizer.pad_token_id, len(tokenizer) - 1) >= rows:
+        raise UserInputError(
+            f"the model {path!r} has {rows} embedding rows but the tokenizer uses id {max(tokenizer.pad_token_id, len(tokenizer) - 1)}; "
+            "use the tokenizer the model was trained with"
+        )
+
+
+def make_optimizer_and_scheduler(model: Any, lr: float, eps: float, scheduler: str, warm_up_steps: int, num_updates: int) -> tuple[Any, Any]:
+    """G-1: AdamW with one learning rate and eps 1e-5, and its schedule over `num_updates`."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps)
+    return optimizer, get_scheduler(scheduler, optimizer, num_warmup_steps=warm_up_steps, num_training_steps=num_updates)
+
+
+def batch_tensor(rows: Any, name: str, device: Any) -> Any:
+    import torch
+
+    return torch.tensor(column(rows, name), device=device)
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """Contiguous evaluation shard of `n` items for `rank` (the shards concatenate to range(n))."""
+    per = -(-n // world_size)
+    return range(min(n, rank * per), min(n, (rank + 1) * per))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation by sampling (SFT; PPO and DPO reuse it)
+# ----------------------------------------------------------------------------------------------
+def response_texts(tokenizer: Any, responses: Any) -> tuple[list[str], list[int], list[bool]]:
+    """Decode responses already truncated after EOS: text without EOS/PAD, token length up to and including
+    the EOS, whether an EOS was produced."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    texts, lengths, has_eos = [], [], []
+    for row in responses.tolist():
+        kept = [t for t in row if t != pad]
+        ended = eos in kept and eos != pad
+        lengths.append(kept.index(eos) + 1 if ended else len(kept))
+        has_eos.append(ended)
+        texts.append(tokenizer.decode([t for t in kept if t != eos], skip_special_tokens=False))
+    return texts, lengths, has_eos
+
+
+def rouge_scores(references: list[str], predictions: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 with the `rouge-score` package (stemming on)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for reference, prediction in zip(references, predictions, strict=True):
+        for key, score in scorer.score(reference, prediction).items():
+            totals[key] += score.fmeasure
+    return {key: value / max(1, len(references)) for key, value in totals.items()}
+
+
+def evaluate_generations(
+    stage: Stage, model: Any, eval_data: dict[str, Any], tokenizer: Any, response_length: int, args: Any,
+    prefix: str, loss_fn: Any = None,
+) -> dict[str, float]:
+    """Sample `response_length` tokens at `args.temperature` for each query (EOS does not stop sampling,
+    Detail 23.1), truncate after the first EOS (23.2), score ROUGE against the reference, optionally the
+    teacher-forced loss; save `{prefix}_query_responses_{split}.csv`. Sharded over processes."""
+    import pandas as pd
+    import torch
+    from accelerate.utils import gather_object
+
+    accelerator = stage._accelerator
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    metrics: dict[str, float] = {}
+    for split, dataset in eval_data.items():
+        n = len(dataset) if args.max_eval_samples is None else min(args.max_eval_samples, len(dataset))
+        shard = dataset.select(shard_range(n, stage.rank, stage.world_size))
+        rows: list[dict[str, Any]] = []
+        loss_sum, loss_count = 0.0, 0
+        for start in range(0, len(shard), args.local_eval_batch_size):
+            batch = shard.select(range(start, min(start + args.local_eval_batch_size, len(shard))))
+            queries = batch_tensor(batch, "query_token", accelerator.device)
+            with torch.no_grad():
+                responses = generate(unwrapped, queries, pad, response_length, args.temperature)
+                responses = truncate_after_eos(responses, eos, pad)
+                if loss_fn is not None:
+                    tokens = batch_tensor(batch, "query_reference_response_token", accelerator.device)
+                    logits = unwrapped(**model_inputs(tokens, pad)).logits
+                    count = int((tokens[:, 1:] != pad).sum())
+                    loss_sum += loss_fn(logits, tokens, pad).item() * count
+                    loss_count += count
+            texts, lengths, has_eos = response_texts(tokenizer, responses)
+            for query, reference, text, length, ended in zip(
+                column(batch, "query"), column(batch, "reference_response"), texts, lengths, has_eos, strict=True
+            ):
+                rows.append({"query": query, "reference": reference.replace(tokenizer.eos_token, "").strip(),
+                             "response": text.strip(), "response_token_len": length, "has_eos": ended})
+        gathered = gather_object(rows)
+        losses = gather_object([(loss_sum, loss_count)])
+        if stage.is_main:
+            table = pd.DataFrame(gathered)
+            table.to_csv(stage.run_dir / f"{prefix}_query_responses_{split}.csv", index=False)
+            scores = rouge_scores(list(table["reference"]), list(table["response"]))
+            metrics.update({f"{prefix}/{split}/{k}": v for k, v in scores.items()})
+            metrics[f"{prefix}/{split}/response_token_len"] = float(table["response_token_len"].mean())
+            metrics[f"{prefix}/{split}/eos_rate"] = float(table["has_eos"].mean())
+            if loss_fn is not None:
+                metrics[f"{prefix}/{split}/loss"] = sum(s for s, _ in losses) / max(1, sum(c for _, c in losses))
+    metrics = gather_object([metrics])[0] if stage.world_size > 1 else metrics
+    if was_training:
+        unwrapped.train()
+    return metrics
+

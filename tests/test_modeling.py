@@ -1,0 +1,173 @@
+"""Hand-computed checks of the shared model pieces: first EOS, truncation, the sampler, the scalar
+reward model (Details 7, 11, 12, 15, 23.1, 23.2), losses, batch plans and G-2 sharding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModel, GPTNeoXConfig
+
+from summarize_from_feedback_details.core import (
+    UserInputError,
+    atomic_directory,
+    plan_batches,
+    shard_micro_batches,
+)
+from summarize_from_feedback_details.modeling import (
+    ScalarModel,
+    ScalarModelConfig,
+    first_true_indices,
+    model_inputs,
+    sample,
+    sequence_scores,
+    truncate_after_eos,
+)
+from summarize_from_feedback_details.reward import accuracy_breakdown, bradley_terry_loss
+from summarize_from_feedback_details.sft import sft_loss
+from summarize_from_feedback_details.training import load_causal_lm, rouge_scores, shard_range
+
+EOS, PAD = 0, 9
+
+
+def tiny_config(hidden: int = 16, vocab: int = 16, **kwargs) -> GPTNeoXConfig:
+    return GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=2 * hidden, max_position_embeddings=64, **kwargs)
+
+
+def test_first_true_indices_and_truncation_after_eos():
+    """Detail 23.2 for an EOS at the start, in the middle, at the last position, and absent."""
+    responses = torch.tensor([[0, 5, 6, 7], [5, 0, 6, 0], [5, 6, 7, 0], [5, 6, 7, 8]])
+    assert first_true_indices(responses == EOS).tolist() == [0, 1, 3, 4]
+    assert truncate_after_eos(responses, EOS, PAD).tolist() == [[0, 9, 9, 9], [5, 0, 9, 9], [5, 6, 7, 0], [5, 6, 7, 8]]
+
+
+def test_model_inputs_mask_pads_and_replace_them_by_zero():
+    """Detail 3.2: pad ids become 0 and are masked; EOS (also 0) stays visible."""
+    inputs = model_inputs(torch.tensor([[PAD, 3, EOS, PAD]]), PAD)
+    assert inputs["input_ids"].tolist() == [[0, 3, 0, 0]]
+    assert inputs["attention_mask"].tolist() == [[False, True, True, False]]
+
+
+def test_sampler_cache_equals_full_forward_and_eos_does_not_stop():
+    """The KV-cached sampler's scaled logits equal a full forward / T (P-1); Detail 23.1: a model that
+    always emits EOS still yields exactly `response_length` tokens."""
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(tiny_config()).eval()
+    pad = 99  # outside the 16-token vocabulary: a random model must not sample the pad id here
+    queries = torch.tensor([[pad, pad, 3, 4, 5], [2, 3, 4, 5, 6]])
+    responses, scaled = sample(model, queries, pad, 6, 0.7, torch.Generator().manual_seed(1))
+    assert responses.shape == (2, 6) and scaled.shape == (2, 6, 16)
+    full = model(**model_inputs(torch.cat([queries, responses], 1), pad)).logits[:, 4:-1] / 0.7
+    assert torch.allclose(full, scaled, atol=1e-5)
+
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, out: out + 100.0 * (torch.arange(16) == EOS))
+    responses, _ = sample(model, queries, pad, 6, 1.0)
+    handle.remove()
+    assert responses.tolist() == [[EOS] * 6, [EOS] * 6]
+
+
+def test_scalar_model_head_init_reward_at_eos_and_bias_survives_reload(tmp_path):
+    """Detail 11: head ~ N(0, 1/sqrt(d+1)), bias 0; Detail 12: the score is read at the last non-pad token;
+    Detail 15: the normalisation bias is subtracted and survives save_pretrained / from_pretrained."""
+    torch.manual_seed(0)
+    wide = ScalarModel(ScalarModelConfig(base_config=tiny_config(hidden=1024).to_dict()))
+    assert wide.scalar_head.bias.item() == 0.0
+    assert wide.scalar_head.weight.std().item() == pytest.approx(1 / math.sqrt(1025), rel=0.1)
+
+    model = ScalarModel(ScalarModelConfig(base_config=tiny_config().to_dict())).eval()
+    tokens = torch.tensor([[3, 4, EOS, PAD, PAD], [3, 4, 5, 6, EOS]])
+    per_token = model(**model_inputs(tokens, PAD))
+    assert per_token.shape == (2, 5)
+    scores = sequence_scores(model, tokens, PAD)
+    assert torch.equal(scores, torch.stack([per_token[0, 2], per_token[1, 4]]))
+    # Left-padded query + right-padded response: read after the context.
+    left = torch.tensor([[PAD, 3, 4, EOS, PAD]])
+    assert sequence_scores(model, left, PAD, context_length=3).item() == pytest.approx(model(**model_inputs(left, PAD))[0, 3].item())
+
+    model.config.bias = 0.25
+    assert torch.allclose(model(**model_inputs(tokens, PAD)), per_token - 0.25)
+    model.save_pretrained(tmp_path / "rm")
+    reloaded = ScalarModel.from_pretrained(tmp_path / "rm").eval()
+    assert reloaded.config.bias == 0.25
+    assert torch.equal(sequence_scores(reloaded, tokens, PAD), scores - 0.25)
+    assert type(AutoModel.from_pretrained(tmp_path / "rm")).__name__ == "ScalarModel"
+
+
+def test_dropout_is_disabled_on_load(tmp_path):
+    """Detail 7: a checkpoint saved with dropout loads with every dropout at 0."""
+    from tokenizers import Tokenizer, models
+    from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    GPTNeoXForCausalLM(tiny_config(hidden_dropout=0.3, attention_dropout=0.2)).save_pretrained(tmp_path / "lm")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")),
+                                        eos_token="a", pad_token="b")
+    model = load_causal_lm(str(tmp_path / "lm"), tokenizer)
+    assert model.config.hidden_dropout == 0.0 and model.config.attention_dropout == 0.0
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_losses_hand_computed():
+    """Detail 9: mean next-token cross-entropy over non-pad labels; Detail 10: Bradley-Terry."""
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = math.log(3.0)  # p(label 2 | position 0) = 3/6
+    labels = torch.tensor([[1, 2, PAD]])
+    assert sft_loss(logits, labels, PAD).item() == pytest.approx(-math.log(0.5))
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
+    expected = (math.log(1 + math.exp(-1.0)) + math.log(2.0)) / 2
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected)
+
+
+def test_accuracy_breakdown_and_rouge():
+    import pandas as pd
+
+    table = pd.DataFrame({"split": ["validation", "validation", "validation_cnndm"], "batch": ["b1", "b2", "cnndm0"],
+                          "confidence": [9, 9, 1], "correct": [True, False, True]})
+    metrics = accuracy_breakdown(table)
+    assert metrics["eval/accuracy"] == pytest.approx(2 / 3)
+    assert metrics["eval/accuracy/split/validation"] == 0.5 and metrics["eval/accuracy/split/validation_cnndm"] == 1.0
+    assert metrics["eval/accuracy/batch/b2"] == 0.0 and metrics["eval/accuracy/confidence/9"] == 0.5
+    scores = rouge_scores(["the cat sat"], ["the cat sat"])
+    assert scores == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert rouge_scores(["the cat sat"], ["a dog ran"])["rouge1"] == 0.0
+
+
+def test_batch_plan_exact_division():
+    plan = plan_batches(128, 8, 2, 1000, "SFT")
+    assert (plan.gradient_accumulation_steps, plan.num_updates, plan.micro_batch_size) == (8, 7, 16)
+    with pytest.raises(UserInputError, match="not divisible by --local_micro_batch_size 3 x 2 processes = 6"):
+        plan_batches(64, 3, 2, 1000, "SFT")
+    with pytest.raises(UserInputError, match="fewer than one batch"):
+        plan_batches(64, 8, 1, 10, "SFT")
+
+
+def test_sharding_sees_every_example_once_and_does_not_depend_on_world_size():
+    """G-2: one permutation, disjoint shards; the micro-batches are the same for 1 or 2 processes."""
+    one = plan_batches(8, 2, 1, 32, "x")
+    two = plan_batches(8, 2, 2, 32, "x")
+    single = shard_micro_batches(32, one, rank=0, seed=3)
+    ranks = [shard_micro_batches(32, two, rank=r, seed=3) for r in range(2)]
+    seen = [i for update in range(4) for r in range(2) for micro in ranks[r][update] for i in micro]
+    assert sorted(seen) == list(range(32))
+    for update in range(4):
+        assert sorted(map(tuple, single[update])) == sorted(map(tuple, ranks[0][update] + ranks[1][update]))
+    # The authors' per-rank shuffle: ranks draw from different permutations, some examples never seen.
+    authors = [shard_micro_batches(32, two, rank=r, seed=3, per_rank_shuffle=True) for r in range(2)]
+    seen = [i for r in range(2) for update in authors[r] for micro in update for i in micro]
+    assert len(seen) == 32 and len(set(seen)) < 32
+    assert [list(shard_range(10, r, 3)) for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_atomic_directory_leaves_nothing_half_written(tmp_path):
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            (tmp / "weights").write_text("partial")
+            raise RuntimeError("crash while saving")
+    assert (target / "weights").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
