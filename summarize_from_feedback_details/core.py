@@ -193,7 +193,9 @@ class RunArgs:
     track: bool = False
     """also log to Weights & Biases (needs the `tracking` extra)"""
     wandb_project_name: str = "tldr_summarize"
+    """Weights & Biases project (with --track)"""
     wandb_entity: str | None = None
+    """Weights & Biases entity (with --track)"""
     deepspeed: bool = False
     """Detail 8: train with DeepSpeed ZeRO-2 through accelerate (on CPU over gloo)"""
     push_to_hub: bool = False
@@ -204,6 +206,26 @@ class RunArgs:
     """print one metrics line (and write TensorBoard) every this many updates"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """mixed precision on GPU (the paper trains in bf16); CPU runs stay fp32"""
+
+
+@dataclasses.dataclass
+class TrainArgs(RunArgs):
+    """Optimisation fields every training stage shares (G-1)."""
+
+    lr: float = 3e-6
+    """G-1: one learning rate for every stage and size (AdamW)"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Details 9-10: cosine decay (PPO: linear to 0)"""
+    warm_up_steps: int = 0
+    """learning-rate warm-up updates (the paper: none)"""
+    num_train_epochs: int = 1
+    """Details 9-10: one epoch over the train split"""
+    total_episodes: int | None = None
+    """examples (comparisons) to consume; default: epochs x train split size. For quick runs"""
+    allow_pad_equals_eos: bool = False
+    """accept a dataset whose pad token is EOS (the Detail 3.2 ablation); refused otherwise"""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,7 +82,9 @@ class BuildConfig:
     sft_train: int = 6000
     """SFT train posts (comparisons of the train split are written on these posts)"""
     sft_validation: int = 500
+    """SFT validation posts (the preference validation comparisons are written on these)"""
     sft_test: int = 500
+    """SFT test posts"""
     preference_train: int = 6000
     """train comparisons"""
     preference_validation: int = 1000
@@ -90,7 +92,9 @@ class BuildConfig:
     preference_cnndm: int = 300
     """CNN/DM-like comparisons, stored inside the validation split like the real data"""
     pretrain_seq_len: int = 128
+    """tokens per pre-training sequence (documents packed with EOS between them)"""
     pretrain_batch_size: int = 16
+    """sequences per pre-training step"""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from summarize_from_feedback_details.core import (
-    RunArgs,
+    TrainArgs,
     cli,
     column,
     plan_batches,
@@ -42,7 +42,7 @@ PAIR_COLUMNS = ["query_chosen_token", "query_rejected_token", "query_token", "ch
 
 
 @dataclass
-class Args(RunArgs):
+class Args(TrainArgs):
     exp_name: str = "reward"
     """experiment name; the run is `{exp_name}__{seed}__{unix time}`"""
     sft_model_path: str = "models/sft_model"
@@ -51,18 +51,6 @@ class Args(RunArgs):
     """output directory of `tldr_dataset` (with preference/, sft/ and tokenizer/) or a hub id"""
     sft_dataset: str | None = None
     """hub id of the processed SFT data for the normalisation (default: `{dataset}/sft`)"""
-    lr: float = 3e-6
-    """G-1: one learning rate for every stage (AdamW)"""
-    eps: float = 1e-5
-    """AdamW epsilon"""
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    """Detail 10: cosine decay"""
-    warm_up_steps: int = 0
-    """learning-rate warm-up updates"""
-    num_train_epochs: int = 1
-    """Detail 10: one epoch over the train comparisons"""
-    total_episodes: int | None = None
-    """comparisons to consume (default: epochs x train split size); for quick runs"""
     batch_size: int = 64
     """global batch of comparisons = local_micro_batch_size x accumulation x processes"""
     local_micro_batch_size: int = 8
@@ -81,8 +69,6 @@ class Args(RunArgs):
     """score only the first N comparisons of each split (default: all)"""
     padding_check_samples: int = 256
     """Detail 14: validation pairs scored both left- and right-padded"""
-    allow_pad_equals_eos: bool = False
-    """accept a dataset whose pad token is EOS (the Detail 3.2 ablation); refused otherwise"""
 
 
 def bradley_terry_loss(chosen: Any, rejected: Any) -> Any:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from summarize_from_feedback_details.core import (
-    RunArgs,
+    TrainArgs,
     cli,
     plan_batches,
     push_run_to_hub,
@@ -36,25 +36,13 @@ from summarize_from_feedback_details.training import (
 
 
 @dataclass
-class Args(RunArgs):
+class Args(TrainArgs):
     exp_name: str = "sft"
     """experiment name; the run is `{exp_name}__{seed}__{unix time}`"""
     base_model: str = "EleutherAI/pythia-1b-deduped"
     """hub id or local path of the pre-trained causal LM"""
     dataset: str = "datasets/tldr"
     """output directory of `tldr_dataset` (with sft/ and tokenizer/) or a hub id of such a dataset"""
-    lr: float = 3e-6
-    """G-1: one learning rate for every stage (AdamW)"""
-    eps: float = 1e-5
-    """AdamW epsilon"""
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    """Detail 9: cosine decay, no warm-up"""
-    warm_up_steps: int = 0
-    """learning-rate warm-up updates"""
-    num_train_epochs: int = 1
-    """Detail 9: one epoch over the SFT train split"""
-    total_episodes: int | None = None
-    """training examples to consume (default: epochs x train split size); for quick runs"""
     batch_size: int = 128
     """global batch = local_micro_batch_size x gradient accumulation x processes"""
     local_micro_batch_size: int = 16
@@ -71,8 +59,6 @@ class Args(RunArgs):
     """score only the first N queries of each split (default: all)"""
     eval_before_training: bool = False
     """also score the untrained base model (metrics prefixed `base/`)"""
-    allow_pad_equals_eos: bool = False
-    """accept a dataset whose pad token is EOS (the Detail 3.2 ablation); refused otherwise"""
 
 
 def sft_loss(logits: Any, labels: Any, pad_token_id: int) -> Any:

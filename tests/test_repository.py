@@ -36,3 +36,29 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_shell_scripts_parse():
     for path in [REPO / ".ci" / "run", *sorted((REPO / "scripts").glob("*.sh"))]:
         subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_every_cli_field_has_a_docstring():
+    """tyro shows a field's docstring as its `--help` text: every stage argument must have one."""
+    import ast
+
+    classes = {"tldr_dataset.py": ("Args", "Lengths"), "sft.py": ("Args",), "reward.py": ("Args",),
+               "core.py": ("RunArgs", "TrainArgs"), "embedded.py": ("BuildArgs", "BuildConfig")}
+    for filename, names in classes.items():
+        tree = ast.parse((REPO / "summarize_from_feedback_details" / filename).read_text())
+        found = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name in names]
+        assert len(found) == len(names), filename
+        for cls in found:
+            for i, node in enumerate(cls.body):
+                if isinstance(node, ast.AnnAssign):
+                    nested = isinstance(node.value, ast.Call)  # dataclasses.field(default_factory=...) groups
+                    documented = i + 1 < len(cls.body) and isinstance(cls.body[i + 1], ast.Expr)
+                    assert documented or nested, f"{filename}: {cls.name}.{node.target.id} has no docstring"
+
+
+def test_stage_help_parses():
+    from conftest import run_module
+
+    for module in ("sft", "reward"):
+        for preset in ("pythia", "embedded"):
+            assert "--batch_size" in run_module(module, preset, "--help").stdout
