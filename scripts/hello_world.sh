@@ -2,7 +2,7 @@
 # The whole pipeline on the embedded default: offline, CPU only, the same code path as a Pythia run.
 # Stages join this script as they land: data -> SFT -> RM -> PPO -> DPO -> judge -> figures.
 # Outputs: assets/embedded/ (task, tokenizer, tiny models), datasets/embedded/ (processed data + figures),
-#          runs/sft_embedded/, runs/reward_embedded/ (models, tables, metrics.json, TensorBoard logs).
+#          runs/{sft,reward,ppo,dpo}_embedded/ (models, query_responses tables, metrics.json, TensorBoard logs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_DATASETS_DISABLE_PROGRESS_BARS="${HF_DATASETS_DISABLE_PROGRESS_BARS:-1}" TOKENIZERS_PARALLELISM=false
@@ -22,6 +22,14 @@ stage "reward model: reward.py (Details 10-16) -> runs/reward_embedded"
 python -m summarize_from_feedback_details.reward embedded --sft_model_path runs/sft_embedded/model --run_name reward_embedded \
     --logging_steps 50
 
+stage "PPO: ppo.py (Details 20-25, P-1..P-6) from SFT + RM -> runs/ppo_embedded"
+python -m summarize_from_feedback_details.ppo embedded --sft_model_path runs/sft_embedded/model \
+    --reward_model_path runs/reward_embedded/model --run_name ppo_embedded --max_eval_samples 200
+
+stage "DPO: dpo.py (baseline, Detail 19) from SFT -> runs/dpo_embedded"
+python -m summarize_from_feedback_details.dpo embedded --sft_model_path runs/sft_embedded/model \
+    --reward_model_path runs/reward_embedded/model --run_name dpo_embedded --max_eval_samples 200 --logging_steps 50
+
 stage "done"
 python - <<'PY'
 import json
@@ -29,6 +37,8 @@ manifest = json.load(open("assets/embedded/manifest.json"))
 data = json.load(open("datasets/embedded/summary.json"))
 sft = json.load(open("runs/sft_embedded/metrics.json"))
 rm = json.load(open("runs/reward_embedded/metrics.json"))
+ppo = json.load(open("runs/ppo_embedded/metrics.json"))
+dpo = json.load(open("runs/dpo_embedded/metrics.json"))
 print("models:", {name: f"{m['parameters']:,} params, pre-train loss {m['final_loss']}" for name, m in manifest["models"].items()})
 print("data: SFT rows", data["sft_rows"], "preference rows", data["preference_rows"], "length maxima", data["length_maxima"])
 print(f"{'':24}{'validation':>12}{'test':>10}")
@@ -36,8 +46,14 @@ for label, key in (("ROUGE-L base model", "base/{}/rougeL"), ("ROUGE-L SFT", "ev
                    ("SFT response tokens", "eval/{}/response_token_len"), ("SFT EOS rate", "eval/{}/eos_rate")):
     print(f"{label:24}{sft[key.format('validation')]:>12.3f}{sft[key.format('test')]:>10.3f}")
 print(f"RM accuracy: TL;DR {rm['eval/accuracy/split/validation']:.3f}, CNN/DM {rm['eval/accuracy/split/validation_cnndm']:.3f}; "
-      f"normalisation bias {rm['normalization/bias']:.3f}")
-print(f"seconds: data {data['seconds']}, SFT train {sft['train/seconds']}, RM train {rm['train/seconds']}")
+      f"DPO implicit reward accuracy: TL;DR {dpo['eval/accuracy/split/validation']:.3f}")
+print(f"{'validation (T 0.01)':24}{'RM score':>10}{'gold win':>10}{'gold util':>10}{'tokens':>8}{'EOS':>6}")
+for label, m, prefix in (("SFT", ppo, "sft"), ("PPO", ppo, "eval"), ("DPO (up to 128 tokens)", dpo, "eval")):
+    v = lambda k: m[f"{prefix}/validation/{k}"]
+    print(f"{label:24}{v('score'):>10.3f}{v('gold_win_rate'):>10.3f}{v('gold_utility'):>10.2f}{v('response_token_len'):>8.1f}{v('eos_rate'):>6.2f}")
+print(f"PPO: {ppo['num_updates']} updates, {ppo['train/seconds_per_update']} s/update, final KL {ppo['last/objective/kl']:.2f} nats")
+print(f"seconds: data {data['seconds']}, SFT train {sft['train/seconds']}, RM train {rm['train/seconds']}, "
+      f"PPO train {ppo['train/seconds']}, DPO train {dpo['train/seconds']}")
 print("figures: datasets/embedded/figures/*.png; TensorBoard: tensorboard --logdir runs")
 PY
 echo "total: $(($(date +%s) - start)) s"

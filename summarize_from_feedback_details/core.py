@@ -262,7 +262,7 @@ def plan_batches(batch_size: int, local_micro_batch_size: int, world_size: int, 
 def shard_micro_batches(
     num_examples: int, plan: BatchPlan, rank: int, seed: int, per_rank_shuffle: bool = False
 ) -> list[list[list[int]]]:
-    """G-2: for each update, this rank's micro-batches of example indices.
+    """G-2: for each update of ONE epoch (at most `plan.num_updates`), this rank's micro-batches of example indices.
 
     Default: ONE permutation (same seed on every rank); each global batch is cut into micro-batches of
     `local_micro_batch_size` and micro-batch k goes to rank k % world_size, so every example is seen once
@@ -274,7 +274,7 @@ def shard_micro_batches(
 
     order = torch.randperm(num_examples, generator=generator).tolist()
     updates = []
-    for update in range(plan.num_updates):
+    for update in range(min(plan.num_updates, num_examples // plan.batch_size)):  # full batches of this epoch only
         batch = order[update * plan.batch_size : (update + 1) * plan.batch_size]
         micro = [batch[i : i + plan.local_micro_batch_size] for i in range(0, plan.batch_size, plan.local_micro_batch_size)]
         if per_rank_shuffle:  # each rank takes the first micro-batches of its own permutation's batch
@@ -283,6 +283,20 @@ def shard_micro_batches(
             micro = micro[rank :: plan.world_size]
         updates.append(micro)
     return updates
+
+
+def training_schedule(num_examples: int, plan: BatchPlan, rank: int, seed: int, per_rank_shuffle: bool = False) -> list[list[list[int]]]:
+    """This rank's micro-batches for each of the `plan.num_updates` updates, over as many epochs as they
+    need (a new permutation, seed + epoch, per epoch; a partial last batch of an epoch is dropped)."""
+    per_epoch = num_examples // plan.batch_size
+    if per_epoch < 1:
+        raise UserInputError(f"{num_examples} examples are fewer than one batch of {plan.batch_size}; lower --batch_size")
+    updates: list[list[list[int]]] = []
+    epoch = 0
+    while len(updates) < plan.num_updates:
+        updates.extend(shard_micro_batches(num_examples, plan, rank, seed + epoch, per_rank_shuffle))
+        epoch += 1
+    return updates[: plan.num_updates]
 
 
 def torch_generator(seed: int) -> Any:

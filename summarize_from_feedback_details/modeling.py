@@ -76,28 +76,58 @@ def sample(
     model: Any, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed-length sampling from softmax(logits / temperature); returns (responses (B, L), the
-    temperature-scaled logits that produced them (B, L, V)) -- P-1: the rollout's log-probs come from
-    these scaled scores."""
+    """Fixed-length sampling from softmax(logits / temperature); returns (responses (B, L), their log-probs
+    (B, L)). P-1: the rollout's log-probs come from the temperature-scaled scores that produced the tokens;
+    only the sampled token's log-prob is kept (logit - logsumexp), never a full log-softmax."""
     inputs = model_inputs(queries, pad_token_id)
     attention_mask = inputs["attention_mask"]
     batch, context = queries.shape
     positions = torch.arange(context, device=queries.device).expand(batch, -1)
     out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
-    tokens, scores = [], []
+    tokens, logprobs = [], []
     for step in range(response_length):  # Detail 23.1: a fixed number of tokens, EOS does not stop
-        logits = out.logits[:, -1].float() / temperature
-        probs = torch.softmax(logits, dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator)
+        logits = out.logits[:, -1].float() / temperature  # P-1: the sampling scores
+        token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
         tokens.append(token)
-        scores.append(logits)
+        logprobs.append(gather_logprobs(logits, token[:, 0]))
         if step == response_length - 1:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         position = torch.full((batch, 1), context + step, device=queries.device)
         out = model(input_ids=token, attention_mask=attention_mask, position_ids=position,
                     past_key_values=out.past_key_values, use_cache=True)
-    return torch.cat(tokens, dim=1), torch.stack(scores, dim=1)
+    return torch.cat(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens] as `logit[token] - logsumexp(logits)`: the full log-softmax tensor is
+    never materialised (a test proves it equal to the plain computation)."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def response_logits(model: Any, query_responses: torch.Tensor, pad_token_id: int, context_length: int, temperature: float | None) -> torch.Tensor:
+    """The logits that predict the response tokens `query_responses[:, context_length:]` (B, L, V), divided
+    by `temperature` (P-1; None leaves them unscaled). Vocabulary logits are computed only for those L
+    positions (`logits_to_keep`), never for the query (a test proves it equal to a full forward)."""
+    response_length = query_responses.size(1) - context_length
+    logits = model(**model_inputs(query_responses, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
+    return logits.float() / temperature if temperature is not None else logits.float()
+
+
+def sequence_logprobs(model: Any, tokens: torch.Tensor, labels: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Sum of log p(token) over the positions where `labels` is not the pad id (the response tokens of a
+    right-padded `query + response` whose `_response_label` column hides the query). Returns (B,)."""
+    logits = model(**model_inputs(tokens, pad_token_id)).logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != pad_token_id
+    logprobs = gather_logprobs(logits, targets.masked_fill(~mask, 0))
+    return (logprobs * mask).sum(1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position: logsumexp(l) - sum(p * l)."""
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -105,6 +135,23 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     if dim is None:
         return (values * mask).sum() / mask.sum()
     return (values * mask).sum(dim) / mask.sum(dim)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased (Bessel-corrected) variance of `values` over `mask`, as the authors' `masked_var`."""
+    count = mask.sum()
+    if count < 2:
+        raise ValueError(f"whitening needs at least 2 valid entries, got {int(count)}; use a larger (mini)batch")
+    centered = values - masked_mean(values, mask)
+    return masked_mean(centered**2, mask) * count / (count - 1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values - mean) / sqrt(var + 1e-8) over `mask`; `shift_mean=False` adds the mean back (the authors'
+    reward whitening keeps the mean, only the scale changes)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
 
 
 # ----------------------------------------------------------------------------------------------

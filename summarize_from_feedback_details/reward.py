@@ -20,10 +20,9 @@ from typing import Any
 from summarize_from_feedback_details.core import (
     TrainArgs,
     cli,
-    column,
     plan_batches,
     push_run_to_hub,
-    shard_micro_batches,
+    training_schedule,
 )
 from summarize_from_feedback_details.modeling import ScalarModel, disable_dropout, sequence_scores
 from summarize_from_feedback_details.training import (
@@ -31,6 +30,7 @@ from summarize_from_feedback_details.training import (
     batch_tensor,
     check_model_path,
     check_vocabulary,
+    evaluate_comparisons,
     load_processed_split,
     make_optimizer_and_scheduler,
     require_columns,
@@ -87,16 +87,6 @@ def pair_scores(model: Any, chosen: Any, rejected: Any, pad: int) -> tuple[Any, 
     return scores[: len(chosen)], scores[len(chosen):]
 
 
-def accuracy_breakdown(table: Any) -> dict[str, float]:
-    """Detail 16: accuracy overall, per split, per labelling batch and per confidence level."""
-    # Detail 16: labelling batches and confidence levels differ in how learnable they are.
-    metrics = {"eval/accuracy": float(table["correct"].mean())}
-    for key in ("split", "batch", "confidence"):
-        for value, group in table.groupby(key, dropna=False):
-            metrics[f"eval/accuracy/{key}/{value}"] = float(group["correct"].mean())
-    return metrics
-
-
 def main(args: Args) -> dict[str, Any]:
     import pandas as pd
     import torch
@@ -130,12 +120,11 @@ def main(args: Args) -> dict[str, Any]:
     pad = tokenizer.pad_token_id
 
     # ---- train: G-2, each comparison once per epoch across all processes (one sharded permutation)
-    epochs = -(-plan.num_updates * plan.batch_size // len(train))
     # Detail G-2: one sharded permutation per epoch (--per_rank_shuffle: the authors' per-rank permutations).
-    updates = [u for e in range(epochs) for u in shard_micro_batches(len(train), plan, stage.rank, args.seed + e, args.per_rank_shuffle)]
+    updates = training_schedule(len(train), plan, stage.rank, args.seed, args.per_rank_shuffle)
     model.train()
     start = time.time()
-    for update, micro_batches in enumerate(stage.progress(updates[: plan.num_updates], "RM updates"), start=1):
+    for update, micro_batches in enumerate(stage.progress(updates, "RM updates"), start=1):
         stats = []
         for indices in micro_batches:
             rows = train.select(indices)
@@ -157,36 +146,26 @@ def main(args: Args) -> dict[str, Any]:
     unwrapped.eval()
 
     # ---- evaluate: Detail 16, accuracy overall / per split / batch / confidence; every pair's scores saved
-    rows_out: list[dict[str, Any]] = []
-    padding_diffs: list[float] = []
+    def score_pairs(batch: Any) -> tuple[Any, Any]:
+        return pair_scores(unwrapped, batch_tensor(batch, "query_chosen_token", accelerator.device),
+                           batch_tensor(batch, "query_rejected_token", accelerator.device), pad)
+
     with torch.no_grad():
-        for split, dataset in eval_data.items():
-            n = len(dataset) if args.max_eval_samples is None else min(args.max_eval_samples, len(dataset))
+        metrics.update(evaluate_comparisons(stage, eval_data, score_pairs, args.max_eval_samples, args.local_eval_batch_size))
+        # Detail 14: [left-padded query | right-padded response] vs right-padded query.strip() + response
+        padding_diffs: list[float] = []
+        if "validation" in eval_data:
+            n = min(args.padding_check_samples, len(eval_data["validation"]))
             shard = shard_range(n, stage.rank, stage.world_size)
             for start_index in range(shard.start, shard.stop, args.local_eval_batch_size):
-                batch = dataset.select(range(start_index, min(start_index + args.local_eval_batch_size, shard.stop)))
-                chosen, rejected = pair_scores(unwrapped, batch_tensor(batch, "query_chosen_token", accelerator.device),
-                                               batch_tensor(batch, "query_rejected_token", accelerator.device), pad)
-                for k, (extra, batch_name) in enumerate(zip(column(batch, "extra"), column(batch, "batch"), strict=True)):
-                    rows_out.append({
-                        "split": split, "batch": batch_name, "confidence": (extra or {}).get("confidence"),
-                        "policies": column(batch, "policies")[k], "chosen_policy": column(batch, "chosen_policy")[k],
-                        "rejected_policy": column(batch, "rejected_policy")[k],
-                        "chosen_score": chosen[k].item(), "rejected_score": rejected[k].item(),
-                    })
-                # Detail 14: [left-padded query | right-padded response] vs right-padded query.strip() + response
-                if split == "validation" and start_index - shard.start < args.padding_check_samples // stage.world_size:
-                    query = batch_tensor(batch, "query_token", accelerator.device)
-                    left = sequence_scores(unwrapped, torch.cat([query, batch_tensor(batch, "chosen_token", accelerator.device)], 1),
-                                           pad, context_length=query.size(1))
-                    padding_diffs.extend((left - chosen).tolist())
-    table_rows, diffs = gather_object(rows_out), gather_object(padding_diffs)
-    if stage.is_main:
-        table = pd.DataFrame(table_rows)
-        table["correct"] = table["chosen_score"] > table["rejected_score"]
-        table["margin"] = table["chosen_score"] - table["rejected_score"]
-        table.to_csv(stage.run_dir / "eval_comparisons.csv", index=False)
-        metrics.update(accuracy_breakdown(table))
+                batch = eval_data["validation"].select(range(start_index, min(start_index + args.local_eval_batch_size, shard.stop)))
+                query = batch_tensor(batch, "query_token", accelerator.device)
+                chosen = sequence_scores(unwrapped, batch_tensor(batch, "query_chosen_token", accelerator.device), pad)
+                left = sequence_scores(unwrapped, torch.cat([query, batch_tensor(batch, "chosen_token", accelerator.device)], 1),
+                                       pad, context_length=query.size(1))
+                padding_diffs.extend((left - chosen).tolist())
+    diffs = gather_object(padding_diffs)
+    if stage.is_main and diffs:
         abs_diffs = torch.tensor(diffs).abs()
         metrics["eval/padding/mean_abs_diff"] = float(abs_diffs.mean())
         metrics["eval/padding/share_above_1e-2"] = float((abs_diffs > 1e-2).float().mean())

@@ -21,7 +21,7 @@ from summarize_from_feedback_details.core import (
     cli,
     plan_batches,
     push_run_to_hub,
-    shard_micro_batches,
+    training_schedule,
 )
 from summarize_from_feedback_details.training import (
     Stage,
@@ -59,6 +59,8 @@ class Args(TrainArgs):
     """score only the first N queries of each split (default: all)"""
     eval_before_training: bool = False
     """also score the untrained base model (metrics prefixed `base/`)"""
+    gold_eval: bool = False
+    """score responses with the embedded task's gold utility (win rate against references; embedded data only)"""
 
 
 def sft_loss(logits: Any, labels: Any, pad_token_id: int) -> Any:
@@ -100,13 +102,13 @@ def main(args: Args) -> dict[str, Any]:
 
     metrics: dict[str, float] = {}
     if args.eval_before_training:
-        metrics.update(evaluate_generations(stage, model, eval_data, tokenizer, response_length, args, prefix="base", loss_fn=sft_loss))
+        metrics.update(evaluate_generations(stage, model, eval_data, tokenizer, response_length, args, prefix="base", temperature=args.temperature,
+                                             loss_fn=sft_loss, gold=args.gold_eval))
 
     # ---- train: Detail 9, one epoch of next-token loss on query + reference (pads ignored)
     pad = tokenizer.pad_token_id
-    epochs = -(-plan.num_updates * plan.batch_size // len(train))
     # Detail G-2: one permutation per epoch, sharded over the processes.
-    updates = [u for e in range(epochs) for u in shard_micro_batches(len(train), plan, stage.rank, args.seed + e)][: plan.num_updates]
+    updates = training_schedule(len(train), plan, stage.rank, args.seed)
     model.train()
     start = time.time()
     for update, micro_batches in enumerate(stage.progress(updates, "SFT updates"), start=1):
@@ -130,7 +132,8 @@ def main(args: Args) -> dict[str, Any]:
     metrics["train/seconds"] = round(time.time() - start, 1)
 
     # ---- evaluate: Detail 9, 53 tokens at T 0.01, truncated after the first EOS, ROUGE + validation loss
-    metrics.update(evaluate_generations(stage, model, eval_data, tokenizer, response_length, args, prefix="eval", loss_fn=sft_loss))
+    metrics.update(evaluate_generations(stage, model, eval_data, tokenizer, response_length, args, prefix="eval", temperature=args.temperature,
+                                         loss_fn=sft_loss, gold=args.gold_eval))
     stage.log({k: v for k, v in metrics.items() if k.startswith(("eval/", "base/"))}, plan.num_updates)
 
     # ---- save: the model loads with AutoModelForCausalLM (+ tokenizer), written atomically
@@ -147,7 +150,7 @@ def embedded_args(embedded_dir: str = "assets/embedded", size: str = "tiny-pythi
 
     return Args(
         base_model=f"{embedded_dir}/models/{size}", dataset="datasets/embedded", lr=EMBEDDED_LR, batch_size=32,
-        local_micro_batch_size=16, local_eval_batch_size=100, eval_before_training=True,
+        local_micro_batch_size=16, local_eval_batch_size=100, eval_before_training=True, gold_eval=True,
     )
 
 

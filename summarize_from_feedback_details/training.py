@@ -27,6 +27,7 @@ from summarize_from_feedback_details.modeling import (
     dropout_free_config,
     generate,
     model_inputs,
+    sequence_scores,
     truncate_after_eos,
 )
 
@@ -125,14 +126,20 @@ class Stage:
         check_pad_token(tokenizer, allow_pad_equals_eos, flag="--allow_pad_equals_eos")  # Detail 3.2
         return tokenizer
 
-    def save_model(self, accelerator: Any, model: Any, tokenizer: Any, name: str = "model") -> Path:
-        """`save_pretrained` (+ tokenizer) into `{run_dir}/{name}`, atomically: a crash leaves no partial checkpoint."""
+    def save_model(self, accelerator: Any, model: Any, tokenizer: Any, name: str = "model", submodule: str | None = None) -> Path:
+        """`save_pretrained` (+ tokenizer) into `{run_dir}/{name}`, atomically: a crash leaves no partial checkpoint.
+        `submodule` saves one attribute of a wrapper (PPO saves the policy of its policy-and-critic module)."""
         accelerator.wait_for_everyone()
         state_dict = accelerator.get_state_dict(model)
         path = self.run_dir / name
         if self.is_main:
+            target = accelerator.unwrap_model(model)
+            if submodule is not None:
+                target = getattr(target, submodule)
+                prefix = f"{submodule}."
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             with atomic_directory(path) as tmp:
-                accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+                target.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
                 tokenizer.save_pretrained(str(tmp))
         accelerator.wait_for_everyone()
         return path
@@ -262,11 +269,14 @@ def rouge_scores(references: list[str], predictions: list[str]) -> dict[str, flo
 
 def evaluate_generations(
     stage: Stage, model: Any, eval_data: dict[str, Any], tokenizer: Any, response_length: int, args: Any,
-    prefix: str, loss_fn: Any = None,
+    prefix: str, temperature: float, loss_fn: Any = None, reward_model: Any = None, gold: bool = False,
+    table_name: str | None = None,
 ) -> dict[str, float]:
-    """Sample `response_length` tokens at `args.temperature` for each query (EOS does not stop sampling,
-    Detail 23.1), truncate after the first EOS (23.2), score ROUGE against the reference, optionally the
-    teacher-forced loss; save `{prefix}_query_responses_{split}.csv`. Sharded over processes."""
+    """Sample `response_length` tokens at `temperature` for each query (EOS does not stop sampling, Detail
+    23.1), truncate after the first EOS (23.2), score ROUGE against the reference; optionally the teacher-
+    forced loss, the reward model's score of response and reference (both as `left-padded query + response`,
+    the layout PPO scores), and the embedded task's gold utility (win rate against the reference).
+    Saves `{table_name or prefix + '_query_responses'}_{split}.csv` (and .parquet). Sharded over processes."""
     import pandas as pd
     import torch
     from accelerate.utils import gather_object
@@ -286,7 +296,7 @@ def evaluate_generations(
             batch = shard.select(range(start, min(start + args.local_eval_batch_size, len(shard))))
             queries = batch_tensor(batch, "query_token", accelerator.device)
             with torch.no_grad():
-                responses = generate(unwrapped, queries, pad, response_length, args.temperature)
+                responses = generate(unwrapped, queries, pad, response_length, temperature)
                 responses = truncate_after_eos(responses, eos, pad)
                 if loss_fn is not None:
                     tokens = batch_tensor(batch, "query_reference_response_token", accelerator.device)
@@ -294,21 +304,27 @@ def evaluate_generations(
                     count = int((tokens[:, 1:] != pad).sum())
                     loss_sum += loss_fn(logits, tokens, pad).item() * count
                     loss_count += count
+                if reward_model is not None:
+                    references = batch_tensor(batch, "reference_response_token", accelerator.device)
+                    scores = sequence_scores(reward_model, torch.cat([queries, responses], 1), pad, queries.size(1)).tolist()
+                    reference_scores = sequence_scores(reward_model, torch.cat([queries, references], 1), pad, queries.size(1)).tolist()
             texts, lengths, has_eos = response_texts(tokenizer, responses)
-            for query, reference, text, length, ended in zip(
-                column(batch, "query"), column(batch, "reference_response"), texts, lengths, has_eos, strict=True
-            ):
-                rows.append({"query": query, "reference": reference.replace(tokenizer.eos_token, "").strip(),
-                             "response": text.strip(), "response_token_len": length, "has_eos": ended})
+            for k, (query, reference, text) in enumerate(zip(column(batch, "query"), column(batch, "reference_response"), texts, strict=True)):
+                row = {"query": query, "reference": reference.replace(tokenizer.eos_token, "").strip(),
+                       "response": text.strip(), "response_token_len": lengths[k], "has_eos": has_eos[k]}
+                if reward_model is not None:
+                    row.update(score=scores[k], reference_score=reference_scores[k])
+                if gold:
+                    row.update(gold_utility(query, row["response"], row["reference"]))
+                rows.append(row)
         gathered = gather_object(rows)
         losses = gather_object([(loss_sum, loss_count)])
         if stage.is_main:
             table = pd.DataFrame(gathered)
-            table.to_csv(stage.run_dir / f"{prefix}_query_responses_{split}.csv", index=False)
-            scores = rouge_scores(list(table["reference"]), list(table["response"]))
-            metrics.update({f"{prefix}/{split}/{k}": v for k, v in scores.items()})
-            metrics[f"{prefix}/{split}/response_token_len"] = float(table["response_token_len"].mean())
-            metrics[f"{prefix}/{split}/eos_rate"] = float(table["has_eos"].mean())
+            path = stage.run_dir / f"{table_name or prefix + '_query_responses'}_{split}"
+            table.to_csv(path.with_suffix(".csv"), index=False)
+            table.to_parquet(path.with_suffix(".parquet"), index=False)
+            metrics.update({f"{prefix}/{split}/{k}": v for k, v in generation_metrics(table).items()})
             if loss_fn is not None:
                 metrics[f"{prefix}/{split}/loss"] = sum(s for s, _ in losses) / max(1, sum(c for _, c in losses))
     metrics = gather_object([metrics])[0] if stage.world_size > 1 else metrics
@@ -316,3 +332,75 @@ def evaluate_generations(
         unwrapped.train()
     return metrics
 
+
+def gold_utility(query: str, response: str, reference: str) -> dict[str, float]:
+    """The embedded task's gold utility of response and reference, and the response's win (ties count 1/2)."""
+    from summarize_from_feedback_details.embedded import gold_utility as utility
+
+    response_utility, reference_utility = utility(query, response), utility(query, reference)
+    win = 1.0 if response_utility > reference_utility else 0.5 if response_utility == reference_utility else 0.0
+    return {"gold_utility": response_utility, "reference_gold_utility": reference_utility, "gold_win": win}
+
+
+def generation_metrics(table: Any) -> dict[str, float]:
+    """Means over a query-response table: ROUGE, length, EOS rate, RM scores and gold utility when present."""
+    metrics = rouge_scores(list(table["reference"]), list(table["response"]))
+    metrics["response_token_len"] = float(table["response_token_len"].mean())
+    metrics["eos_rate"] = float(table["has_eos"].mean())
+    for name in ("score", "reference_score", "gold_utility", "reference_gold_utility"):
+        if name in table:
+            metrics[name] = float(table[name].mean())
+    if "gold_win" in table:
+        metrics["gold_win_rate"] = float(table["gold_win"].mean())
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparisons: reward-model and DPO implicit-reward accuracy (Details 16, 19)
+# ----------------------------------------------------------------------------------------------
+def comparison_rows(batch: Any, split: str, chosen: list[float], rejected: list[float]) -> list[dict[str, Any]]:
+    """One row per comparison of `batch` with its labels and the two scores (the calibration figure reads these)."""
+    rows = []
+    for k, (extra, batch_name) in enumerate(zip(column(batch, "extra"), column(batch, "batch"), strict=True)):
+        rows.append({
+            "split": split, "batch": batch_name, "confidence": (extra or {}).get("confidence"),
+            "policies": column(batch, "policies")[k], "chosen_policy": column(batch, "chosen_policy")[k],
+            "rejected_policy": column(batch, "rejected_policy")[k], "chosen_score": chosen[k], "rejected_score": rejected[k],
+        })
+    return rows
+
+
+def evaluate_comparisons(stage: Stage, comparisons: dict[str, Any], score_pairs: Any, max_samples: int | None, batch_size: int) -> dict[str, float]:
+    """Score every comparison of each split with `score_pairs(batch) -> (chosen, rejected)` (sharded over the
+    processes), save `eval_comparisons.csv` with every pair's scores and labels, and return the accuracy
+    overall / per split / batch / confidence (Details 16, 19)."""
+    import pandas as pd
+    from accelerate.utils import gather_object
+
+    rows: list[dict[str, Any]] = []
+    for split, dataset in comparisons.items():
+        n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+        shard = shard_range(n, stage.rank, stage.world_size)
+        for start in range(shard.start, shard.stop, batch_size):
+            batch = dataset.select(range(start, min(start + batch_size, shard.stop)))
+            chosen, rejected = score_pairs(batch)
+            rows.extend(comparison_rows(batch, split, chosen.tolist(), rejected.tolist()))
+    gathered = gather_object(rows)
+    metrics: dict[str, float] = {}
+    if stage.is_main:
+        table = pd.DataFrame(gathered)
+        table["correct"] = table["chosen_score"] > table["rejected_score"]
+        table["margin"] = table["chosen_score"] - table["rejected_score"]
+        table.to_csv(stage.run_dir / "eval_comparisons.csv", index=False)
+        metrics = accuracy_breakdown(table)
+    return gather_object([metrics])[0] if stage.world_size > 1 else metrics
+
+
+def accuracy_breakdown(table: Any) -> dict[str, float]:
+    """Details 16/19: accuracy overall, per split, per labelling batch and per confidence level."""
+    # Detail 16: labelling batches and confidence levels differ in how learnable they are.
+    metrics = {"eval/accuracy": float(table["correct"].mean())}
+    for key in ("split", "batch", "confidence"):
+        for value, group in table.groupby(key, dropna=False):
+            metrics[f"eval/accuracy/{key}/{value}"] = float(group["correct"].mean())
+    return metrics

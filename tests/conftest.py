@@ -13,6 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA_ENV = "SFFD_SHARED_DATA"
 EMBEDDED_ENV = "SFFD_TEST_EMBEDDED_DIR"
+TINY = "tiny-pythia-s"
+"""the embedded model size the stage tests train"""
 
 
 def run_module(module: str, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -25,6 +27,29 @@ def run_module(module: str, *args: str, check: bool = True, timeout: float = 900
     if check and result.returncode != 0:
         raise AssertionError(f"{module} {args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def read_metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def torchrun(module: str, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         "-m", f"summarize_from_feedback_details.{module}", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def assert_tensorboard(run: Path, tag: str) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert tag in events.Tags()["scalars"] and len(events.Scalars(tag)) >= 2
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +111,23 @@ def embedded_dataset(embedded_dir: Path, tmp_path_factory) -> Path:
         "--sft_dataset", f"{base}/data/sft", "--preference_dataset", f"{base}/data/preference", "--output_dir", str(out),
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def sft_run(embedded_dir, embedded_dataset, runs_dir) -> Path:
+    run_module("sft", "embedded", "--base_model", f"{embedded_dir}/models/{TINY}", "--dataset", str(embedded_dataset),
+               "--output_dir", str(runs_dir), "--run_name", "sft", "--max_eval_samples", "100")
+    return runs_dir / "sft"
+
+
+@pytest.fixture(scope="session")
+def reward_run(sft_run, embedded_dataset, runs_dir) -> Path:
+    run_module("reward", "embedded", "--sft_model_path", str(sft_run / "model"), "--dataset", str(embedded_dataset),
+               "--output_dir", str(runs_dir), "--run_name", "reward", "--normalization_samples", "1000",
+               "--total_episodes", "3200")
+    return runs_dir / "reward"

@@ -14,6 +14,7 @@ from summarize_from_feedback_details.core import (
     atomic_directory,
     plan_batches,
     shard_micro_batches,
+    training_schedule,
 )
 from summarize_from_feedback_details.modeling import (
     ScalarModel,
@@ -24,9 +25,14 @@ from summarize_from_feedback_details.modeling import (
     sequence_scores,
     truncate_after_eos,
 )
-from summarize_from_feedback_details.reward import accuracy_breakdown, bradley_terry_loss
+from summarize_from_feedback_details.reward import bradley_terry_loss
 from summarize_from_feedback_details.sft import sft_loss
-from summarize_from_feedback_details.training import load_causal_lm, rouge_scores, shard_range
+from summarize_from_feedback_details.training import (
+    accuracy_breakdown,
+    load_causal_lm,
+    rouge_scores,
+    shard_range,
+)
 
 EOS, PAD = 0, 9
 
@@ -59,10 +65,11 @@ def test_sampler_cache_equals_full_forward_and_eos_does_not_stop():
     model = GPTNeoXForCausalLM(tiny_config()).eval()
     pad = 99  # outside the 16-token vocabulary: a random model must not sample the pad id here
     queries = torch.tensor([[pad, pad, 3, 4, 5], [2, 3, 4, 5, 6]])
-    responses, scaled = sample(model, queries, pad, 6, 0.7, torch.Generator().manual_seed(1))
-    assert responses.shape == (2, 6) and scaled.shape == (2, 6, 16)
+    responses, logprobs = sample(model, queries, pad, 6, 0.7, torch.Generator().manual_seed(1))
+    assert responses.shape == (2, 6) and logprobs.shape == (2, 6)
     full = model(**model_inputs(torch.cat([queries, responses], 1), pad)).logits[:, 4:-1] / 0.7
-    assert torch.allclose(full, scaled, atol=1e-5)
+    expected = torch.log_softmax(full, -1).gather(-1, responses[..., None])[..., 0]
+    assert torch.allclose(expected, logprobs, atol=1e-5)
 
     handle = model.get_output_embeddings().register_forward_hook(lambda m, i, out: out + 100.0 * (torch.arange(16) == EOS))
     responses, _ = sample(model, queries, pad, 6, 1.0)
@@ -159,6 +166,20 @@ def test_sharding_sees_every_example_once_and_does_not_depend_on_world_size():
     seen = [i for r in range(2) for update in authors[r] for micro in update for i in micro]
     assert len(seen) == 32 and len(set(seen)) < 32
     assert [list(shard_range(10, r, 3)) for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_training_schedule_runs_several_epochs_with_new_permutations():
+    """Multi-epoch runs: every epoch is a fresh permutation of full batches, exactly num_updates updates."""
+    plan = plan_batches(4, 2, 1, 20, "x")  # 5 updates of 4 from 10 examples: 2 full batches per epoch
+    updates = training_schedule(10, plan, rank=0, seed=3)
+    assert len(updates) == 5 and all(len(u) == 2 and all(len(m) == 2 for m in u) for u in updates)
+    flat = [[i for micro in update for i in micro] for update in updates]
+    for epoch in range(2):
+        seen = flat[2 * epoch] + flat[2 * epoch + 1]
+        assert len(set(seen)) == 8  # no example twice within an epoch
+    assert flat[:2] != flat[2:4]  # a new permutation per epoch
+    with pytest.raises(UserInputError, match="fewer than one batch"):
+        training_schedule(3, plan, rank=0, seed=3)
 
 
 def test_atomic_directory_leaves_nothing_half_written(tmp_path):

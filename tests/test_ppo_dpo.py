@@ -1,0 +1,148 @@
+"""PPO and DPO end to end on the embedded task: subprocess runs from the SFT and RM checkpoints with
+assertions on what they wrote, a 2-process PPO run, every PPO variant flag, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import assert_tensorboard, read_metrics, run_module, torchrun
+from summarize_from_feedback_details.core import UserInputError
+
+# A short PPO run: 24 updates of 32 rollouts (the hello world runs the full embedded preset).
+PPO_TEST_ARGS = ["--total_episodes", "768", "--batch_size", "32", "--local_rollout_forward_batch_size", "32",
+                 "--local_micro_batch_size", "32", "--max_eval_samples", "100", "--eval_every", "4", "--logging_steps", "4"]
+TABLE_COLUMNS = {"query", "reference", "response", "response_token_len", "has_eos", "score", "reference_score",
+                 "gold_utility", "reference_gold_utility", "gold_win"}
+
+
+def _common(sft_run: Path, reward_run: Path, dataset: Path, runs_dir: Path) -> list[str]:
+    return ["embedded", "--sft_model_path", str(sft_run / "model"), "--reward_model_path", str(reward_run / "model"),
+            "--dataset", str(dataset), "--output_dir", str(runs_dir)]
+
+
+@pytest.fixture(scope="session")
+def ppo_run(sft_run, reward_run, embedded_dataset, runs_dir) -> Path:
+    run_module("ppo", *_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "ppo", *PPO_TEST_ARGS)
+    return runs_dir / "ppo"
+
+
+@pytest.fixture(scope="session")
+def dpo_run(sft_run, reward_run, embedded_dataset, runs_dir) -> Path:
+    run_module("dpo", *_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "dpo",
+               "--total_episodes", "3200", "--max_eval_samples", "100", "--eval_response_length", "53")
+    return runs_dir / "dpo"
+
+
+def test_ppo_end_to_end(ppo_run, sft_run):
+    """Details 20-25, P-5, P-6 on the embedded task: the policy's validation RM score rises above the SFT
+    policy's, the KL stays bounded, EOS stays (the -1 penalty), every P-5 metric is logged, the tables of
+    P-6 are written and the policy reloads as a causal LM."""
+    from transformers import AutoModelForCausalLM
+
+    m = read_metrics(ppo_run)
+    assert m["world_size"] == 1 and m["num_updates"] == 24
+    assert m["eval/validation/score"] > m["sft/validation/score"] + 0.1, m
+    assert m["eval/validation/eos_rate"] >= m["sft/validation/eos_rate"] - 0.05
+    assert 0.0 < m["last/objective/kl"] < 20.0  # nats per response, summed over tokens
+    assert m["last/objective/validation_score"] > m["first/objective/validation_score"]
+    for split in ("validation", "test"):
+        table = pd.read_csv(ppo_run / f"query_responses_{split}.csv")
+        assert TABLE_COLUMNS <= set(table.columns) and len(table) == 100
+        assert pd.read_parquet(ppo_run / f"query_responses_{split}.parquet").shape == table.shape
+        assert (table["response_token_len"] <= 33).all()
+    assert (ppo_run / "sft_query_responses_validation.csv").exists()
+    for tag in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "objective/scores",
+                "objective/validation_score", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+                "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "lr", "episode", "eps"):
+        assert_tensorboard(ppo_run, tag)
+    policy = AutoModelForCausalLM.from_pretrained(ppo_run / "model")
+    sft = AutoModelForCausalLM.from_pretrained(sft_run / "model")
+    changed = max((a - b).abs().max().item() for a, b in zip(policy.state_dict().values(), sft.state_dict().values(), strict=True))
+    assert changed > 1e-4
+    args = json.loads((ppo_run / "args.json").read_text())
+    assert args["kl_coef"] == 0.05 and args["score_at"] == "eos_plus_one" and args["scheduler"] == "linear"
+
+
+def test_ppo_two_processes(sft_run, reward_run, embedded_dataset, runs_dir):
+    """Data parallel PPO for real: torchrun with 2 processes over gloo (world size asserted)."""
+    torchrun("ppo", *_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "ppo_2proc",
+             "--total_episodes", "64", "--batch_size", "32", "--local_rollout_forward_batch_size", "16",
+             "--local_micro_batch_size", "8", "--max_eval_samples", "8", "--local_eval_batch_size", "4", "--eval_every", "1",
+             "--no-eval_before_training", "--logging_steps", "1")
+    m = read_metrics(runs_dir / "ppo_2proc")
+    assert m["world_size"] == 2 and m["num_updates"] == 2
+    assert len(pd.read_csv(runs_dir / "ppo_2proc" / "query_responses_validation.csv")) == 8
+
+
+def test_ppo_variants_run(sft_run, reward_run, embedded_dataset, runs_dir):
+    """Every variant flag of the paper in one short run: critic from SFT, reward whitening, no advantage
+    whitening, score on the EOS, adaptive KL, no EOS trick, no temperature scaling, another response length."""
+    from summarize_from_feedback_details.details import DETAILS
+
+    flags = [arg for d in DETAILS if d.stage == "ppo" and d.ablation for arg in d.ablation]
+    run_module("ppo", *_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "ppo_variants", *flags,
+               "--total_episodes", "32", "--batch_size", "32", "--local_rollout_forward_batch_size", "32",
+               "--local_micro_batch_size", "16", "--max_eval_samples", "8", "--no-eval_before_training")
+    args = json.loads((runs_dir / "ppo_variants" / "args.json").read_text())
+    assert (args["critic_init"], args["whiten_rewards"], args["whiten_advantages"], args["score_at"], args["adaptive_kl"],
+            args["eos_trick"], args["scale_logits_by_temperature"], args["response_length"], args["kl_coef"]) == (
+        "sft", True, False, "eos", True, False, False, 48, 0.1)
+    m = read_metrics(runs_dir / "ppo_variants")
+    assert m["response_length"] == 48 and m["last/objective/kl_coef"] != 0.1  # the adaptive controller moved beta
+
+
+def test_critic_starts_from_the_reward_model(reward_run, sft_run):
+    """Detail 22: the critic is the RM with its normalisation bias; the ablation starts it from SFT."""
+    from summarize_from_feedback_details.modeling import ScalarModel
+    from summarize_from_feedback_details.ppo import initial_critic
+
+    reward = ScalarModel.from_pretrained(reward_run / "model")
+    critic = initial_critic("reward", str(reward_run / "model"), str(sft_run / "model"))
+    assert critic.config.bias == reward.config.bias != 0.0
+    assert all(torch.equal(a, b) for a, b in zip(critic.state_dict().values(), reward.state_dict().values(), strict=True))
+    from_sft = initial_critic("sft", str(reward_run / "model"), str(sft_run / "model"))
+    assert from_sft.config.bias == 0.0 and from_sft.scalar_head.bias.item() == 0.0
+    assert not torch.equal(from_sft.backbone.embed_in.weight, reward.backbone.embed_in.weight)
+
+
+def test_dpo_end_to_end(dpo_run):
+    """DPO + Detail 19 on the embedded task: the implicit reward ranks validation comparisons above chance,
+    broken down per split, batch and confidence; evaluation tables like PPO's."""
+    m = read_metrics(dpo_run)
+    assert m["eval/accuracy/split/validation"] > 0.55, m
+    assert all(f"eval/accuracy/confidence/{c}" in m for c in range(1, 10))
+    assert {"eval/accuracy/batch/batch9", "eval/accuracy/batch/batch10", "eval/accuracy/split/validation_cnndm"} <= set(m)
+    comparisons = pd.read_csv(dpo_run / "eval_comparisons.csv")
+    assert {"chosen_score", "rejected_score", "batch", "confidence", "split", "correct"} <= set(comparisons.columns)
+    table = pd.read_csv(dpo_run / "query_responses_validation.csv")
+    assert TABLE_COLUMNS <= set(table.columns) and len(table) == 100 and (table["response_token_len"] <= 53).all()
+    assert "sft/validation/score" in m and "eval/validation/gold_win_rate" in m
+    assert_tensorboard(dpo_run, "train/loss")
+
+
+def test_ppo_and_dpo_bad_input_is_one_clear_error(sft_run, reward_run, embedded_dataset, tmp_path):
+    from summarize_from_feedback_details import dpo, ppo
+
+    base = dataclasses.replace(ppo.embedded_args(), sft_model_path=str(sft_run / "model"), reward_model_path=str(reward_run / "model"),
+                               dataset=str(embedded_dataset), output_dir=str(tmp_path / "runs"))
+    with pytest.raises(UserInputError, match=r"--reward_model_path '.*nowhere' is not a saved model"):
+        ppo.main(dataclasses.replace(base, reward_model_path=str(tmp_path / "nowhere")))
+    with pytest.raises(UserInputError, match=r"not divisible by --num_mini_batches 3"):
+        ppo.main(dataclasses.replace(base, num_mini_batches=3))
+    with pytest.raises(UserInputError, match=r"not divisible by --local_micro_batch_size 24"):
+        ppo.main(dataclasses.replace(base, local_micro_batch_size=24))
+    with pytest.raises(UserInputError, match=r"does not exist: --dataset"):
+        ppo.main(dataclasses.replace(base, dataset=str(tmp_path / "nothing")))
+    dpo_base = dataclasses.replace(dpo.embedded_args(), sft_model_path=str(sft_run / "model"), dataset=str(embedded_dataset),
+                                   output_dir=str(tmp_path / "runs"))
+    with pytest.raises(UserInputError, match=r"--sft_model_path '.*missing' is not a saved model"):
+        dpo.main(dataclasses.replace(dpo_base, sft_model_path=str(tmp_path / "missing")))
+    with pytest.raises(UserInputError, match=r"not divisible by --local_micro_batch_size 5"):
+        dpo.main(dataclasses.replace(dpo_base, local_micro_batch_size=5))
+    assert not (tmp_path / "runs").exists()  # nothing started, no empty run directories
