@@ -41,7 +41,9 @@ def test_sft_learns_the_task(sft_run):
     import pandas as pd
 
     table = pd.read_csv(sft_run / "eval_query_responses_validation.csv")
-    assert list(table.columns) == ["query", "reference", "response", "response_token_len", "has_eos"] and len(table) == 100
+    assert list(table.columns) == ["query", "reference", "response", "response_token_len", "has_eos", "gold_utility",
+                                   "reference_gold_utility", "gold_win"] and len(table) == 100
+    assert "eval/validation/gold_win_rate" in m and m["eval/validation/reference_gold_utility"] > 2.5
     args = json.loads((sft_run / "args.json").read_text())
     assert args["world_size"] == 1 and args["lr"] == 1e-3
     assert_tensorboard(sft_run, "train/loss")
