@@ -314,8 +314,11 @@ class PolicyAndValue(nn.Module):
         """(the policy's logits for the response tokens, divided by `temperature` (P-1); the critic's value
         of the state before each response token)."""
         logits = response_logits(self.policy, query_responses, pad_token_id, context_length, temperature)
-        values = self.critic(**model_inputs(query_responses, pad_token_id))[:, context_length - 1 : -1]
-        return logits, values
+        return logits, self.values(query_responses, pad_token_id, context_length)
+
+    def values(self, query_responses: torch.Tensor, pad_token_id: int, context_length: int) -> torch.Tensor:
+        """The critic's value of the state before each response token (B, L); the rollout needs only these."""
+        return self.critic(**model_inputs(query_responses, pad_token_id))[:, context_length - 1 : -1]
 
 
 def initial_critic(critic_init: str, reward_model_path: str, sft_model_path: str) -> ScalarModel:
@@ -399,7 +402,7 @@ def main(args: Args) -> dict[str, Any]:
                 query_response = torch.cat([query, response], 1)
                 ref_logits = response_logits(ref_policy, query_response, pad, context_length, loss_temperature)  # Detail P-1
                 ref_logprob = gather_logprobs(ref_logits, response)
-                _, value = unwrapped(query_response, pad, context_length, loss_temperature)
+                value = unwrapped.values(query_response, pad, context_length)
                 # Detail 23.2: tokens after the first EOS become [PAD] before the RM sees them; Detail 12: read at EOS.
                 postprocessed = truncate_after_eos(response, eos, pad)
                 score = sequence_scores(reward_model, torch.cat([query, postprocessed], 1), pad, context_length)
