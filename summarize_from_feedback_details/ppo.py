@@ -340,9 +340,9 @@ def main(args: Args) -> dict[str, Any]:
     train = load_processed_split(args.dataset, "sft", "train")  # Detail 21: prompts are the SFT train queries
     require_columns(train, ["query_token", "reference_response_token"], f"{args.dataset} sft/train")
     eval_data = {split: load_processed_split(args.dataset, "sft", split) for split in args.eval_splits}
-    for split, ds in {"validation": load_processed_split(args.dataset, "sft", "validation"), **eval_data}.items():
+    validation = eval_data["validation"] if "validation" in eval_data else load_processed_split(args.dataset, "sft", "validation")
+    for split, ds in {"validation": validation, **eval_data}.items():
         require_columns(ds, ["query_token", "query", "reference_response", "reference_response_token"], f"{args.dataset} sft/{split}")
-    validation = load_processed_split(args.dataset, "sft", "validation")
     tokenizer = stage.load_tokenizer(args.dataset, args.sft_model_path, args.allow_pad_equals_eos)
     response_length = args.response_length or len(train[0]["reference_response_token"])
     plan = plan_ppo(args, stage.world_size)
@@ -394,7 +394,7 @@ def main(args: Args) -> dict[str, Any]:
         context_length = queries.size(1)
         unwrapped.policy.eval()
         with torch.no_grad():
-            chunks: dict[str, list[Any]] = {k: [] for k in ("responses", "logprobs", "ref_logprobs", "values", "scores")}
+            chunks: dict[str, list[Any]] = {k: [] for k in ("responses", "postprocessed", "logprobs", "ref_logprobs", "values", "scores")}
             for i in range(0, plan.local_batch_size, args.local_rollout_forward_batch_size):
                 query = queries[i : i + args.local_rollout_forward_batch_size]
                 # Detail 23.1: a fixed number of tokens; P-1: log-probs of the temperature-scaled sampling scores.
@@ -408,11 +408,10 @@ def main(args: Args) -> dict[str, Any]:
                 score = sequence_scores(reward_model, torch.cat([query, postprocessed], 1), pad, context_length)
                 if args.eos_trick:  # Detail 23.3: -1 without an EOS
                     score = penalize_missing_eos(score, postprocessed, eos, args.penalty_reward_value)
-                for key, tensor in zip(chunks, (response, logprob, ref_logprob, value, score), strict=True):
+                for key, tensor in zip(chunks, (response, postprocessed, logprob, ref_logprob, value, score), strict=True):
                     chunks[key].append(tensor)
-            responses, logprobs, ref_logprobs, values, scores = (torch.cat(chunks[k]) for k in chunks)
+            responses, postprocessed, logprobs, ref_logprobs, values, scores = (torch.cat(chunks[k]) for k in chunks)
             query_responses = torch.cat([queries, responses], 1)
-            postprocessed = truncate_after_eos(responses, eos, pad)
             masks = response_masks(postprocessed, pad, args.score_at)  # Detail P-2
             padding_mask, value_padding_mask = masks["padding_mask"], masks["value_padding_mask"]
             logprobs = logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
@@ -427,7 +426,7 @@ def main(args: Args) -> dict[str, Any]:
 
         # ---- num_ppo_epochs passes of clipped PPO over minibatches, gradient accumulation inside
         unwrapped.policy.train()
-        stats: dict[str, list[Any]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")}
+        stats: dict[str, list[Any]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "entropy")}
         ratios = []
         for _ in range(args.num_ppo_epochs):
             order = torch.as_tensor(shuffle.permutation(plan.local_batch_size), device=device)
