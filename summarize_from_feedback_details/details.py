@@ -130,8 +130,10 @@ DETAILS: tuple[Detail, ...] = (
            "--loss_type", ("--loss_type", "ipo"), "tests/test_ppo_math.py::test_dpo_loss_by_hand"),
     Detail("dpo_eval_length", "DPO", "DPO evaluation samples 128 tokens (the authors' choice; 53 like PPO by flag)", "dpo",
            "--eval_response_length", ("--eval_response_length", "53"), "tests/test_ppo_dpo.py::test_dpo_end_to_end"),
-    Detail("judge_paper_protocol", "J-1", "LLM judge, the authors' protocol (one random order, exact A/B parsing)", "judge",
-           "--protocol", ("--protocol", "paper"), None, "planned"),
+    Detail("judge_paper_protocol", "J-1", "LLM judge, the authors' protocol: their prompt, one seeded random A/B order per row, only an exact A/B answer counts, unparsed answers dropped", "judge",
+           "--protocol", ("--protocol", "paper"), "tests/test_judge.py::test_paper_protocol_prompt_order_and_counting"),
+    Detail("judge_both_orders", "J-2", "LLM judge default: both orders at temperature 0, a win only when both agree (ties 1/2), robust parsing, parse-failure and position-bias rates, Wilson 95% interval, verdict cache", "judge",
+           "--protocol", ("--protocol", "paper"), "tests/test_judge.py::test_both_orders_win_rate_ties_failures_and_position_bias"),
 )
 
 
