@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Stage = Literal["data", "sft", "reward", "ppo", "dpo", "judge", "all"]
+Stage = Literal["data", "sft", "reward", "ppo", "dpo", "judge", "visualize", "all"]
 STAGE_MODULES = {
     "data": "tldr_dataset", "sft": "sft", "reward": "reward", "ppo": "ppo", "dpo": "dpo", "judge": "judge",
+    "visualize": "visualize_tokens",
 }
 
 
@@ -79,7 +80,8 @@ DETAILS: tuple[Detail, ...] = (
            "tests/test_modeling.py::test_scalar_model_head_init_reward_at_eos_and_bias_survives_reload"),
     Detail("reward_at_eos", "12", "Reward read at the last non-pad token (EOS)", "reward", None, None,
            "tests/test_modeling.py::test_scalar_model_head_init_reward_at_eos_and_bias_survives_reload"),
-    Detail("rm_other_positions", "13", "Head outputs at non-EOS positions are meaningless", "reward", None, None, None, "planned"),
+    Detail("rm_other_positions", "13", "Head outputs at non-EOS positions are meaningless (the token view shows them)", "visualize",
+           None, None, "tests/test_visualize_tokens.py::test_sampled_token_view_html"),
     Detail("left_right_padding", "14", "Left vs right padding give slightly different rewards (logged)", "reward", None, None,
            "tests/test_sft_reward.py::test_reward_model_accuracy_breakdown_and_normalisation"),
     Detail("reward_normalization", "15", "Reward bias = mean score of SFT references, survives save/reload", "reward",
