@@ -10,7 +10,7 @@ start=$(date +%s)
 stage() { echo; echo "=== $1 ($(($(date +%s) - start)) s) ==="; }
 
 stage "embedded assets: synthetic TL;DR-like task, BPE tokenizer, tiny Pythia models (reused when built)"
-python -m summarize_from_feedback_details.embedded --out_dir assets/embedded >/dev/null
+python -m summarize_from_feedback_details.embedded --out_dir assets/embedded --sizes tiny-pythia-s >/dev/null
 
 stage "data: tldr_dataset.py (Details 1-5) -> datasets/embedded"
 python -m summarize_from_feedback_details.tldr_dataset embedded --embedded_dir assets/embedded --output_dir datasets/embedded

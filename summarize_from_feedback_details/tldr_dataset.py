@@ -544,7 +544,10 @@ def main(args: Args) -> dict[str, Any]:
     if args.embedded_dir is not None:
         from summarize_from_feedback_details import embedded
 
-        embedded.ensure_built(args.embedded_dir)
+        # Build the task, the tokenizer and the one model whose tokenizer we read (other sizes when a stage needs them).
+        models_dir = Path(args.embedded_dir) / "models"
+        base_size = [Path(args.base_model).name] if Path(args.base_model).parent == models_dir else []
+        embedded.ensure_built(args.embedded_dir, sizes=base_size)
 
     # Detail 3.2: a dedicated [PAD] (refused if it equals EOS unless --pad_token eos asks for it).
     tokenizer = load_tokenizer(args.base_model, args.pad_token)

@@ -270,7 +270,7 @@ def rouge_scores(references: list[str], predictions: list[str]) -> dict[str, flo
 def evaluate_generations(
     stage: Stage, model: Any, eval_data: dict[str, Any], tokenizer: Any, response_length: int, args: Any,
     prefix: str, temperature: float, loss_fn: Any = None, reward_model: Any = None, gold: bool = False,
-    table_name: str | None = None,
+    table_name: str | None = None, loss_labels: str = "query_reference_response_token",
 ) -> dict[str, float]:
     """Sample `response_length` tokens at `temperature` for each query (EOS does not stop sampling, Detail
     23.1), truncate after the first EOS (23.2), score ROUGE against the reference; optionally the teacher-
@@ -300,9 +300,10 @@ def evaluate_generations(
                 responses = truncate_after_eos(responses, eos, pad)
                 if loss_fn is not None:
                     tokens = batch_tensor(batch, "query_reference_response_token", accelerator.device)
+                    labels = batch_tensor(batch, loss_labels, accelerator.device)  # the training objective's labels
                     logits = unwrapped(**model_inputs(tokens, pad)).logits
-                    count = int((tokens[:, 1:] != pad).sum())
-                    loss_sum += loss_fn(logits, tokens, pad).item() * count
+                    count = int((labels[:, 1:] != pad).sum())
+                    loss_sum += loss_fn(logits, labels, pad).item() * count
                     loss_count += count
                 if reward_model is not None:
                     references = batch_tensor(batch, "reference_response_token", accelerator.device)
