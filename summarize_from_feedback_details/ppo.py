@@ -4,7 +4,7 @@ PPO section (SPEC Details 20-25, P-1..P-6).
     python -m summarize_from_feedback_details.ppo embedded --sft_model_path runs/sft_embedded/model \\
         --reward_model_path runs/reward_embedded/model
     torchrun --nproc_per_node 2 -m summarize_from_feedback_details.ppo embedded ...       # 2 processes on CPU
-    accelerate launch --config_file scripts/accelerate/deepspeed_zero2.yaml -m summarize_from_feedback_details.ppo pythia \\
+    accelerate launch --config_file configs/accelerate/deepspeed_zero2_bf16.yaml -m summarize_from_feedback_details.ppo pythia \\
         --sft_model_path <sft> --reward_model_path <rm> --dataset <processed tldr> --deepspeed
 
 Reads like the paper: policy and reference from SFT, critic and reward model from the RM (Detail 22) ->

@@ -1,7 +1,7 @@
 """SFT stage: supervised fine-tuning on the TL;DR references, evaluated with ROUGE (SPEC Details 7, 9).
 
     python -m summarize_from_feedback_details.sft embedded                               # offline task, CPU
-    accelerate launch --config_file scripts/accelerate/deepspeed_zero2.yaml -m summarize_from_feedback_details.sft pythia \\
+    accelerate launch --config_file configs/accelerate/deepspeed_zero2_bf16.yaml -m summarize_from_feedback_details.sft pythia \\
         --base_model EleutherAI/pythia-1b-deduped --dataset me/tldr_processed --deepspeed
     torchrun --nproc_per_node 2 -m summarize_from_feedback_details.sft embedded         # 2-process data parallel on CPU
 
