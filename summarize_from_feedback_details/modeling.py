@@ -3,8 +3,9 @@ wrappers, the first-EOS rule, dropout removal, masked statistics."""
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -74,11 +75,15 @@ def generate(model: Any, queries: torch.Tensor, pad_token_id: int, response_leng
 
 def sample(
     model: Any, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, sampler: Literal["multinomial", "inverse_cdf"] = "multinomial",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-length sampling from softmax(logits / temperature); returns (responses (B, L), their log-probs
     (B, L)). P-1: the rollout's log-probs come from the temperature-scaled scores that produced the tokens;
-    only the sampled token's log-prob is kept (logit - logsumexp), never a full log-softmax."""
+    only the sampled token's log-prob is kept (logit - logsumexp), never a full log-softmax.
+
+    `sampler="inverse_cdf"` draws the same distribution from ONE uniform per row (`draw_tokens`) instead of
+    `torch.multinomial`'s exponential noise over the whole vocabulary (the slowest step of sampling on CPU);
+    it consumes the random stream differently, so the same seed gives other samples."""
     inputs = model_inputs(queries, pad_token_id)
     attention_mask = inputs["attention_mask"]
     batch, context = queries.shape
@@ -87,7 +92,7 @@ def sample(
     tokens, logprobs = [], []
     for step in range(response_length):  # Detail 23.1: a fixed number of tokens, EOS does not stop
         logits = out.logits[:, -1].float() / temperature  # P-1: the sampling scores
-        token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+        token = draw_tokens(torch.softmax(logits, dim=-1), generator, sampler)
         tokens.append(token)
         logprobs.append(gather_logprobs(logits, token[:, 0]))
         if step == response_length - 1:
@@ -99,20 +104,76 @@ def sample(
     return torch.cat(tokens, dim=1), torch.stack(logprobs, dim=1)
 
 
+CPU_CHUNK_ELEMENTS = 1 << 18
+"""vocabulary-sized rows per chunk on CPU: ~1 MiB of fp32, so every pass over a chunk stays in cache"""
+
+
+def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None = None, sampler: str = "multinomial") -> torch.Tensor:
+    """One token per row of `probs` (B, V) -> (B, 1). "multinomial": `torch.multinomial`; "inverse_cdf": the
+    first index whose cumulative probability (float64) exceeds u x total, u ~ U[0, 1) (a zero-probability
+    token is never drawn)."""
+    if sampler == "multinomial":
+        return torch.multinomial(probs, 1, generator=generator)
+    if sampler != "inverse_cdf":
+        raise ValueError(f"sampler must be 'multinomial' or 'inverse_cdf', got {sampler!r}")
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    u = torch.rand(probs.size(0), 1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)
+
+
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[tokens] as `logit[token] - logsumexp(logits)`: the full log-softmax tensor is
-    never materialised (a test proves it equal to the plain computation)."""
+    never materialised (a test proves it equal to the plain computation). On CPU the rows go through in
+    cache-sized chunks, forward and backward (`_ChunkedLogprobs`; a test proves it equal, with gradients)."""
     logits = logits.float()
+    if logits.device.type == "cpu" and logits.dim() >= 2 and logits.numel() > CPU_CHUNK_ELEMENTS:
+        return _ChunkedLogprobs.apply(logits, tokens)
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _row_chunks(shape: torch.Size) -> list[tuple[Any, ...]]:
+    """Indices of cache-sized chunks of rows of a (..., T, V) tensor; each is a contiguous slice even of a
+    view such as `logits[:, :-1]`, so no copy is made."""
+    rows = max(1, CPU_CHUNK_ELEMENTS // shape[-1])
+    return [(*lead, slice(start, start + rows)) for lead in itertools.product(*map(range, shape[:-2])) for start in range(0, shape[-2], rows)]
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """`logits.gather(tokens) - logsumexp(logits)` and its gradient `onehot(tokens) - softmax(logits)`
+    (times the incoming gradient), one cache-sized chunk of rows at a time: the plain autograd graph makes
+    several full (B, L, V) passes and temporaries (subtract the max, exp, scatter into zeros, add)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        lse = logits.new_empty(logits.shape[:-1])
+        picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        for index in _row_chunks(logits.shape):
+            lse[index] = torch.logsumexp(logits[index], dim=-1)
+        ctx.save_for_backward(logits, tokens, lse)
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, tokens, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for index in _row_chunks(logits.shape):
+            g = grad_logits[index]
+            torch.sub(logits[index], lse[index].unsqueeze(-1), out=g)
+            g.exp_().mul_(-grad[index].unsqueeze(-1))
+            g.scatter_add_(-1, tokens[index].unsqueeze(-1), grad[index].unsqueeze(-1))
+        return grad_logits, None
 
 
 def response_logits(model: Any, query_responses: torch.Tensor, pad_token_id: int, context_length: int, temperature: float | None) -> torch.Tensor:
     """The logits that predict the response tokens `query_responses[:, context_length:]` (B, L, V), divided
     by `temperature` (P-1; None leaves them unscaled). Vocabulary logits are computed only for those L
     positions (`logits_to_keep`), never for the query (a test proves it equal to a full forward)."""
-    response_length = query_responses.size(1) - context_length
-    logits = model(**model_inputs(query_responses, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
-    return logits.float() / temperature if temperature is not None else logits.float()
+    # The L positions before each response token, by index: no extra last row to slice off (and copy).
+    keep = torch.arange(context_length - 1, query_responses.size(1) - 1, device=query_responses.device)
+    logits = model(**model_inputs(query_responses, pad_token_id), logits_to_keep=keep).logits
+    logits = logits if logits.dtype == torch.float32 else logits.float()
+    # In place: the head's output is a fresh tensor its backward does not need (one vocabulary-sized temporary less).
+    return logits.div_(temperature) if temperature is not None else logits
 
 
 def sequence_logprobs(model: Any, tokens: torch.Tensor, labels: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -126,8 +187,15 @@ def sequence_logprobs(model: Any, tokens: torch.Tensor, labels: torch.Tensor, pa
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per position: logsumexp(l) - sum(p * l)."""
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    """Entropy of softmax(logits) per position: logsumexp(l) - sum(p * l). Without gradients on CPU it is
+    computed as -sum(p * log p) in cache-sized chunks of rows (a test proves it equal to the plain formula)."""
+    if logits.device.type != "cpu" or logits.dim() < 2 or logits.numel() <= CPU_CHUNK_ELEMENTS or (torch.is_grad_enabled() and logits.requires_grad):
+        return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    entropy = logits.new_empty(logits.shape[:-1], dtype=torch.promote_types(logits.dtype, torch.float32))
+    for index in _row_chunks(logits.shape):
+        logp = torch.log_softmax(logits[index].float(), dim=-1)
+        entropy[index] = -(logp.exp() * logp).sum(-1)
+    return entropy
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
