@@ -90,7 +90,7 @@ def real_posts(shared_data: Path) -> list[dict]:
 def embedded_dir(tmp_path_factory) -> Path:
     """The embedded assets, built once per session with the real CLI (or reused from SFFD_TEST_EMBEDDED_DIR)."""
     path = Path(os.environ[EMBEDDED_ENV]) if os.environ.get(EMBEDDED_ENV) else tmp_path_factory.mktemp("embedded")
-    run_module("embedded", "--out_dir", str(path))
+    run_module("embedded", "--out_dir", str(path), timeout=2400)  # three models pre-train (~6 min on 2 idle cores)
     return path
 
 
