@@ -14,9 +14,6 @@ import torch
 from conftest import assert_tensorboard, read_metrics, run_module, torchrun
 from summarize_from_feedback_details.core import UserInputError
 
-# A short PPO run: 24 updates of 32 rollouts (the hello world runs the full embedded preset).
-PPO_TEST_ARGS = ["--total_episodes", "768", "--batch_size", "32", "--local_rollout_forward_batch_size", "32",
-                 "--local_micro_batch_size", "32", "--max_eval_samples", "100", "--eval_every", "4", "--logging_steps", "4"]
 TABLE_COLUMNS = {"query", "reference", "response", "response_token_len", "has_eos", "score", "reference_score",
                  "gold_utility", "reference_gold_utility", "gold_win"}
 
@@ -24,19 +21,6 @@ TABLE_COLUMNS = {"query", "reference", "response", "response_token_len", "has_eo
 def _common(sft_run: Path, reward_run: Path, dataset: Path, runs_dir: Path) -> list[str]:
     return ["embedded", "--sft_model_path", str(sft_run / "model"), "--reward_model_path", str(reward_run / "model"),
             "--dataset", str(dataset), "--output_dir", str(runs_dir)]
-
-
-@pytest.fixture(scope="session")
-def ppo_run(sft_run, reward_run, embedded_dataset, runs_dir) -> Path:
-    run_module("ppo", *_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "ppo", *PPO_TEST_ARGS)
-    return runs_dir / "ppo"
-
-
-@pytest.fixture(scope="session")
-def dpo_run(sft_run, reward_run, embedded_dataset, runs_dir) -> Path:
-    run_module("dpo", *_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "dpo",
-               "--total_episodes", "3200", "--max_eval_samples", "100", "--eval_response_length", "53")
-    return runs_dir / "dpo"
 
 
 def test_ppo_end_to_end(ppo_run, sft_run):
