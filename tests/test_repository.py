@@ -42,7 +42,7 @@ def test_every_cli_field_has_a_docstring():
     """tyro shows a field's docstring as its `--help` text: every stage argument must have one."""
     import ast
 
-    classes = {"tldr_dataset.py": ("Args", "Lengths"), "sft.py": ("Args",), "reward.py": ("Args",), "ppo.py": ("Args",), "dpo.py": ("Args",), "judge.py": ("Args",), "visualize_tokens.py": ("Args",), "paper_figures.py": ("Args",),
+    classes = {"tldr_dataset.py": ("Args", "Lengths"), "sft.py": ("Args",), "reward.py": ("Args",), "ppo.py": ("Args",), "dpo.py": ("Args",), "judge.py": ("Args",), "visualize_tokens.py": ("Args",), "paper_figures.py": ("Args",), "ablate.py": ("Args",),
                "core.py": ("RunArgs", "TrainArgs"), "embedded.py": ("BuildArgs", "BuildConfig")}
     for filename, names in classes.items():
         tree = ast.parse((REPO / "summarize_from_feedback_details" / filename).read_text())
