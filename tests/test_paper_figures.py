@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -372,7 +373,7 @@ def test_llm_judge_on_a_pythia_named_sweep(sweep_dir, tmp_path, monkeypatch):
 def test_cli_draws_every_figure_and_reproduce_script(sweep_dir, embedded_dataset, tmp_path):
     """The script regenerates every figure from the sweep directory (the real CLI, as a subprocess)."""
     out = tmp_path / "figures"
-    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHON": sys.executable}  # this interpreter, venv or not
     result = subprocess.run(["bash", "scripts/reproduce_figures.sh", str(sweep_dir), str(out), "--judge", "reward_model",
                              "--dataset_dir", str(embedded_dataset)], cwd=REPO, capture_output=True, text=True, env=env,
                             timeout=600)
