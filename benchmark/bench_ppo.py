@@ -33,6 +33,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 
+from summarize_from_feedback_details.core import write_text  # noqa: E402
+
 IMPLEMENTATIONS = ("ours", "trl")
 PROPOSED = "ours_proposed"
 
@@ -520,14 +522,14 @@ def main(args: Args) -> dict[str, Any]:
             (out / f".{name}_case.json").unlink(missing_ok=True)
             profile = result.pop("profile", None)
             if profile:
-                common.write_text_atomic(out / f"{name}_profile_{shape}_{implementation}.txt", profile["phases"] + "\n\n" + profile["operators"] + "\n")
+                write_text(out / f"{name}_profile_{shape}_{implementation}.txt", profile["phases"] + "\n\n" + profile["operators"] + "\n")
             results["cases"].append({"shape": shape, **result})
             print(f"  median {result['median_s']:.3f} s/update, peak RSS {result['peak_rss_mib']:.0f} MiB, load {result['load']}", flush=True)
     results["matmul_ceiling_end"] = common.matmul_ceiling(args.device, args.dtype, args.ceiling_seconds)
     ceiling = common.best_ceiling(results["matmul_ceiling_start"], results["matmul_ceiling_end"], args.device)
     results["table"] = results_table(results["cases"], ceiling, args.shapes)
     write_json(out / f"{name}.json", results)
-    common.write_text_atomic(out / f"{name}.md", f"`{results['command']}`\n\n{results['table']}\n")
+    write_text(out / f"{name}.md", f"`{results['command']}`\n\n{results['table']}\n")
     print(results["table"])
     return results
 

@@ -27,6 +27,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 
+from summarize_from_feedback_details.core import write_text  # noqa: E402
+
 STAGES = ("sft", "reward")
 
 
@@ -206,7 +208,7 @@ def main(args: Args) -> dict[str, Any]:
     ceiling = common.best_ceiling(results["matmul_ceiling_start"], results["matmul_ceiling_end"], args.device)
     results["table"] = steps_table(results["cases"], ceiling, args.device == "cuda")
     write_json(out / f"{name}.json", results)
-    common.write_text_atomic(out / f"{name}.md", f"`{results['command']}`\n\n{results['table']}\n")
+    write_text(out / f"{name}.md", f"`{results['command']}`\n\n{results['table']}\n")
     print(results["table"])
     return results
 

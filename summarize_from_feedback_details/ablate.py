@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from summarize_from_feedback_details.core import UserInputError, run_main, write_json
+from summarize_from_feedback_details.core import UserInputError, run_main, write_json, write_text
 from summarize_from_feedback_details.details import DETAILS, STAGE_MODULES, Detail
 
 PACKAGE = "summarize_from_feedback_details"
@@ -217,15 +217,6 @@ def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text atomically (temporary file + rename), like core.write_json."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

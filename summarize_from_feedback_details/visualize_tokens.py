@@ -25,7 +25,6 @@ tokens, EOS does not stop sampling and the tokens after it become [PAD], Details
 from __future__ import annotations
 
 import html
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +35,7 @@ from summarize_from_feedback_details.core import (
     column,
     load_tokenizer,
     run_main,
+    write_text,
 )
 
 RowName = Literal["reference", "base", "sft", "ppo", "dpo"]
@@ -642,15 +642,6 @@ def html_view(view: TokenView, pads_shown: int) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(args: Args) -> TokenView:
     if args.html is not None and Path(args.html).is_dir():
         raise UserInputError(f"--html {args.html!r} is a directory; give a file name such as token_view.html")
@@ -658,7 +649,7 @@ def main(args: Args) -> TokenView:
     if args.terminal:
         print_terminal(view, args.pads_shown)
     if args.html is not None:
-        write_text_atomic(args.html, html_view(view, args.pads_shown))
+        write_text(args.html, html_view(view, args.pads_shown))
         print(f"wrote {args.html}")
     return view
 
