@@ -85,6 +85,7 @@ def view_inputs(embedded_dir: Path, embedded_dataset: Path, tmp_path_factory) ->
     initialised scalar head (Detail 11) and a normalisation bias (Detail 15), saved and reloaded like
     reward.py's."""
     import datasets
+    from transformers import AutoTokenizer
 
     from summarize_from_feedback_details.modeling import ScalarModel
 
@@ -96,7 +97,8 @@ def view_inputs(embedded_dir: Path, embedded_dataset: Path, tmp_path_factory) ->
     reward_model.save_pretrained(str(path))
     validation = datasets.load_from_disk(str(embedded_dataset / "sft"))["validation"]
     models = embedded_dir / "models"
-    return {"base": base, "dataset": embedded_dataset, "rm": path, "validation": validation, "models": models}
+    pad = AutoTokenizer.from_pretrained(str(embedded_dataset / "tokenizer")).pad_token_id  # [PAD], added by the data stage
+    return {"base": base, "dataset": embedded_dataset, "rm": path, "validation": validation, "models": models, "pad": pad}
 
 
 def independent_ranks_and_rm(
@@ -171,8 +173,8 @@ def test_sampled_token_view_html(view_inputs: dict, tmp_path: Path):
 
     example = view_inputs["validation"][0]
     query, reference = example["query_token"], example["reference_response_token"]
-    pad = query[0]
-    assert pad == 1364  # the dataset's [PAD], left padding of the query (Detail 2.3)
+    pad = view_inputs["pad"]
+    assert query[0] == pad and pad != 0  # the dataset's own [PAD] left-pads the query (Details 2.3, 3.2)
     # Reference row: the dataset's exact tokens through the EOS, 2 pads shown, the remaining pads counted.
     ref = rows["reference"]["tokens"]
     length = reference.index(0) + 1
@@ -180,7 +182,7 @@ def test_sampled_token_view_html(view_inputs: dict, tmp_path: Path):
     assert "more" in ref[-1]["classes"] and int(ref[-1]["data-count"]) == len(reference) - length - 2
     # The base model's own T 0.01 sample is its own top-1 at every token; DPO here is the same model and seed.
     assert {t["data-rank"] for t in rows["base"]["tokens"] if "data-rank" in t} == {"1"}
-    assert [t["data-id"] for t in rows["dpo"]["tokens"]] == [t["data-id"] for t in rows["base"]["tokens"]]
+    assert [t.get("data-id") for t in rows["dpo"]["tokens"]] == [t.get("data-id") for t in rows["base"]["tokens"]]
     # Other models' tokens are not all the base model's top-1.
     assert any(t.get("data-rank") not in (None, "1") for name in ("sft", "ppo") for t in rows[name]["tokens"])
     for name, row in rows.items():
@@ -243,7 +245,7 @@ def test_token_view_from_tables(view_inputs: dict, tmp_path: Path):
     assert not any("eos" in t["classes"] for t in ppo) and "scored" in ppo[len(ids) - 1]["classes"]
     assert "table&#x27;s RM score 0.500" in text and "no EOS: PPO would score it -1" in text
     for name in ("sft", "ppo"):
-        check_row_against_plain_forward(view_inputs, rows[name], validation[0]["query_token"], 1364)
+        check_row_against_plain_forward(view_inputs, rows[name], validation[0]["query_token"], view_inputs["pad"])
 
 
 def test_token_view_bad_input_is_one_clear_error(view_inputs: dict, tmp_path: Path):
