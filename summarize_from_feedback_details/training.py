@@ -247,11 +247,12 @@ def response_texts(tokenizer: Any, responses: Any) -> tuple[list[str], list[int]
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     texts, lengths, has_eos = [], [], []
     for row in responses.tolist():
-        kept = [t for t in row if t != pad]
-        ended = eos in kept and eos != pad
-        lengths.append(kept.index(eos) + 1 if ended else len(kept))
+        # The first EOS ends the response; read it before dropping pads, which may be EOS too (Detail 3.2 ablated).
+        ended = eos in row
+        kept = row[: row.index(eos)] if ended else [t for t in row if t != pad]
+        lengths.append(len(kept) + 1 if ended else len(kept))
         has_eos.append(ended)
-        texts.append(tokenizer.decode([t for t in kept if t != eos], skip_special_tokens=False))
+        texts.append(tokenizer.decode([t for t in kept if t != pad], skip_special_tokens=False))
     return texts, lengths, has_eos
 
 

@@ -30,6 +30,7 @@ from summarize_from_feedback_details.sft import sft_loss
 from summarize_from_feedback_details.training import (
     accuracy_breakdown,
     load_causal_lm,
+    response_texts,
     rouge_scores,
     shard_range,
 )
@@ -47,6 +48,29 @@ def test_first_true_indices_and_truncation_after_eos():
     responses = torch.tensor([[0, 5, 6, 7], [5, 0, 6, 0], [5, 6, 7, 0], [5, 6, 7, 8]])
     assert first_true_indices(responses == EOS).tolist() == [0, 1, 3, 4]
     assert truncate_after_eos(responses, EOS, PAD).tolist() == [[0, 9, 9, 9], [5, 0, 9, 9], [5, 6, 7, 0], [5, 6, 7, 8]]
+
+
+class DigitTokenizer:
+    """Decodes id k as the letter 'a' + k; EOS 0, pad as given (what `response_texts` needs of a tokenizer)."""
+
+    eos_token_id = EOS
+
+    def __init__(self, pad: int) -> None:
+        self.pad_token_id = pad
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(chr(ord("a") + t) for t in ids)
+
+
+@pytest.mark.parametrize("pad", [PAD, EOS])
+def test_response_texts_counts_the_eos_also_when_it_is_the_pad(pad: int):
+    """Truncated responses (Detail 23.2) -> text without EOS/PAD, length through the first EOS, EOS produced;
+    the same answers when the pad token is EOS itself (Detail 3.2 ablated)."""
+    responses = truncate_after_eos(torch.tensor([[0, 5, 6, 7], [5, 0, 6, 0], [5, 6, 7, 0], [5, 6, 7, 8]]), EOS, pad)
+    texts, lengths, has_eos = response_texts(DigitTokenizer(pad), responses)
+    assert texts == ["", "f", "fgh", "fghi"]
+    assert lengths == [1, 2, 4, 4]
+    assert has_eos == [True, True, True, False]
 
 
 def test_model_inputs_mask_pads_and_replace_them_by_zero():
