@@ -73,7 +73,8 @@ class Args:
     preference_config: str = "comparisons"
     """hub config name of the comparison data"""
     embedded_dir: str | None = None
-    """if set, build the embedded offline task there first (reused when already built)"""
+    """if set, build the embedded offline task there first (reused when already built); the `embedded` preset's
+    model and dataset paths follow it unless given explicitly"""
     output_dir: str = "datasets/tldr"
     """where sft/, preference/, tokenizer/, figures/ and the resolved args are written (atomically)"""
     lengths: Lengths = field(default_factory=Lengths)
@@ -544,6 +545,7 @@ def main(args: Args) -> dict[str, Any]:
     if args.embedded_dir is not None:
         from summarize_from_feedback_details import embedded
 
+        follow_embedded_dir(args)
         # Build the task, the tokenizer and the one model whose tokenizer we read (other sizes when a stage needs them).
         models_dir = Path(args.embedded_dir) / "models"
         base_size = [Path(args.base_model).name] if Path(args.base_model).parent == models_dir else []
@@ -607,7 +609,19 @@ def main(args: Args) -> dict[str, Any]:
     return summary
 
 
-def embedded_args(embedded_dir: str = "assets/embedded", output_dir: str = "datasets/embedded") -> Args:
+EMBEDDED_DIR = "assets/embedded"
+
+
+def follow_embedded_dir(args: Args) -> None:
+    """`embedded --embedded_dir D`: the preset's paths under the default folder move to D (explicit ones stay)."""
+    default = Path(EMBEDDED_DIR)
+    for name in ("base_model", "sft_dataset", "preference_dataset"):
+        path = Path(getattr(args, name))
+        if path.is_relative_to(default) and Path(args.embedded_dir) != default:
+            setattr(args, name, str(Path(args.embedded_dir) / path.relative_to(default)))
+
+
+def embedded_args(embedded_dir: str = EMBEDDED_DIR, output_dir: str = "datasets/embedded") -> Args:
     """The data stage on the embedded offline task (same code path, CPU-sized lengths)."""
     from summarize_from_feedback_details import embedded
 

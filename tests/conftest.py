@@ -103,13 +103,10 @@ def embedded_tokenizer(embedded_dir: Path):
 
 @pytest.fixture(scope="session")
 def embedded_dataset(embedded_dir: Path, tmp_path_factory) -> Path:
-    """The data stage run once on the embedded task, as a subprocess with the `embedded` preset."""
+    """The data stage run once on the embedded task, as a subprocess with the `embedded` preset; the preset's
+    model and data paths follow --embedded_dir."""
     out = tmp_path_factory.mktemp("datasets") / "embedded"
-    base = str(embedded_dir)
-    run_module(
-        "tldr_dataset", "embedded", "--embedded_dir", base, "--base_model", f"{base}/models/tiny-pythia-s",
-        "--sft_dataset", f"{base}/data/sft", "--preference_dataset", f"{base}/data/preference", "--output_dir", str(out),
-    )
+    run_module("tldr_dataset", "embedded", "--embedded_dir", str(embedded_dir), "--output_dir", str(out))
     return out
 
 

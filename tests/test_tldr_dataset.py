@@ -14,7 +14,7 @@ from conftest import REPO, run_module
 from summarize_from_feedback_details import embedded as E
 from summarize_from_feedback_details.core import CNNDM_BATCHES, UserInputError, column
 from summarize_from_feedback_details.details import DETAILS
-from summarize_from_feedback_details.tldr_dataset import PRESETS, Args, Lengths, dataset_card, main
+from summarize_from_feedback_details.tldr_dataset import PRESETS, Args, Lengths, dataset_card, follow_embedded_dir, main
 
 SFT_COLUMNS = {
     "id", "subreddit", "title", "post", "summary", "query_token", "query", "query_token_len", "truncated_post",
@@ -266,3 +266,15 @@ def test_dataset_card_describes_the_processing():
     assert "pythia-1b-deduped" in card and "TL;DR:" in card and "| train | 10 |" in card and '"sft_response": 53' in card
     with pytest.raises(UserInputError, match="--push_to_hub needs --hf_entity"):
         main(dataclasses.replace(Args(), push_to_hub=True))
+
+
+def test_embedded_preset_paths_follow_embedded_dir():
+    """`embedded --embedded_dir D` reads D's model and data; a path given explicitly is kept; the pythia preset's
+    hub ids are never rewritten."""
+    args = dataclasses.replace(PRESETS["embedded"][1], embedded_dir="/scratch/emb", sft_dataset="/mine/sft")
+    follow_embedded_dir(args)
+    assert (args.base_model, args.sft_dataset, args.preference_dataset) == (
+        "/scratch/emb/models/tiny-pythia-s", "/mine/sft", "/scratch/emb/data/preference")
+    pythia = dataclasses.replace(PRESETS["pythia"][1], embedded_dir="/scratch/emb")
+    follow_embedded_dir(pythia)
+    assert pythia.base_model == "EleutherAI/pythia-1b-deduped" and pythia.sft_dataset == PRESETS["pythia"][1].sft_dataset
