@@ -197,120 +197,32 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
 
 
 def ours_update(ctx: OursContext) -> dict[str, float]:
-    """One update of `ppo.main`'s loop (rollouts, rewards, GAE, num_ppo_epochs of clipped PPO, the
-    scheduler step, the per-update statistics reduced to floats); returns the phase times."""
+    """One update of `ppo.main`'s loop through the stage's own functions (rollouts with rewards and GAE,
+    num_ppo_epochs of clipped PPO, the scheduler step, the per-update statistics reduced to floats); returns the
+    phase times."""
     import torch
     from torch.profiler import record_function
 
     from summarize_from_feedback_details import ppo
-    from summarize_from_feedback_details.modeling import (
-        entropy_from_logits,
-        gather_logprobs,
-        masked_mean,
-        response_logits,
-        sample,
-        sequence_scores,
-        truncate_after_eos,
-    )
     from summarize_from_feedback_details.training import batch_tensor
 
-    args, plan, accelerator, model, unwrapped = ctx.args, ctx.plan, ctx.accelerator, ctx.model, ctx.unwrapped
-    pad, eos, device, loss_temperature = ctx.pad, ctx.eos, ctx.device, ctx.loss_temperature
-    device_type = device.type
+    args, accelerator = ctx.args, ctx.accelerator
     start, cpu_start = time.perf_counter(), time.process_time()
-    # ---- rollouts (no gradients)
-    queries = batch_tensor(ctx.train.select(next(ctx.prompts)), "query_token", device)
-    context_length = queries.size(1)
-    response_length = args.response_length
-    unwrapped.policy.eval()
-    with torch.no_grad():
-        chunks: dict[str, list[Any]] = {k: [] for k in ("responses", "postprocessed", "logprobs", "ref_logprobs", "values", "scores")}
-        for i in range(0, plan.local_batch_size, args.local_rollout_forward_batch_size):
-            query = queries[i : i + args.local_rollout_forward_batch_size]
-            with record_function("rollout/sample"):
-                response, logprob = sample(unwrapped.policy, query, pad, response_length, args.temperature, sampler=ctx.sampler)
-            query_response = torch.cat([query, response], 1)
-            with record_function("rollout/ref_logprobs"):
-                ref_logits = response_logits(ctx.ref_policy, query_response, pad, context_length, loss_temperature)
-                ref_logprob = gather_logprobs(ref_logits, response)
-            with record_function("rollout/values"):
-                value = unwrapped.values(query_response, pad, context_length)
-            with record_function("rollout/scores"):
-                postprocessed = truncate_after_eos(response, eos, pad)
-                score = sequence_scores(ctx.reward_model, torch.cat([query, postprocessed], 1), pad, context_length)
-                if args.eos_trick:
-                    score = ppo.penalize_missing_eos(score, postprocessed, eos, args.penalty_reward_value)
-            for key, tensor in zip(chunks, (response, postprocessed, logprob, ref_logprob, value, score), strict=True):
-                chunks[key].append(tensor)
-        with record_function("rollout/advantages"):
-            responses, postprocessed, logprobs, ref_logprobs, values, scores = (torch.cat(chunks[k]) for k in chunks)
-            query_responses = torch.cat([queries, responses], 1)
-            masks = ppo.response_masks(postprocessed, pad, args.score_at)
-            padding_mask, value_padding_mask = masks["padding_mask"], masks["value_padding_mask"]
-            logprobs = logprobs.masked_fill(padding_mask, ppo.INVALID_LOGPROB)
-            ref_logprobs = ref_logprobs.masked_fill(padding_mask, ppo.INVALID_LOGPROB)
-            values = values.masked_fill(value_padding_mask, 0.0)
-            rewards, kl, non_score_reward = ppo.per_token_rewards(logprobs, ref_logprobs, scores, masks, ctx.kl_controller.value)
-            if args.whiten_rewards:
-                rewards = ppo.whiten_rewards(rewards, value_padding_mask)
-            advantages, returns = ppo.generalized_advantage_estimation(rewards, values, args.gamma, args.lam)
-            if args.whiten_advantages:
-                advantages = ppo.whiten_advantages(advantages, padding_mask)
-    common.synchronize(device_type)
+    queries = batch_tensor(ctx.train.select(next(ctx.prompts)), "query_token", ctx.device)
+    batch = ppo.collect_rollouts(ctx.unwrapped, ctx.ref_policy, ctx.reward_model, queries, args, ctx.kl_controller.value,
+                                 ctx.pad, ctx.eos, args.response_length, ctx.loss_temperature, sampler=ctx.sampler)
+    common.synchronize(ctx.device.type)
     rollout_end, rollout_cpu_end = time.perf_counter(), time.process_time()
-
-    # ---- num_ppo_epochs passes of clipped PPO over minibatches
-    unwrapped.policy.train()
-    stats: dict[str, list[Any]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "entropy")}
-    ratios = []
-    for _ in range(args.num_ppo_epochs):
-        order = torch.as_tensor(ctx.shuffle.permutation(plan.local_batch_size), device=device)
-        for mini_start in range(0, plan.local_batch_size, plan.local_mini_batch_size):
-            mini = order[mini_start : mini_start + plan.local_mini_batch_size]
-            for micro_start in range(0, plan.local_mini_batch_size, args.local_micro_batch_size):
-                idx = mini[micro_start : micro_start + args.local_micro_batch_size]
-                with accelerator.accumulate(model):
-                    with record_function("train/forward"):
-                        logits, new_values = model(query_responses[idx], pad, context_length, loss_temperature)
-                        new_logprobs = gather_logprobs(logits, responses[idx]).masked_fill(padding_mask[idx], ppo.INVALID_LOGPROB)
-                        new_values = new_values.masked_fill(value_padding_mask[idx], 0.0)
-                        losses = ppo.ppo_losses(new_logprobs, logprobs[idx], advantages[idx], new_values, values[idx], returns[idx],
-                                                padding_mask[idx], value_padding_mask[idx], args.cliprange, args.cliprange_value, args.vf_coef)
-                    with record_function("train/backward"):
-                        accelerator.backward(losses["loss"])
-                    with record_function("train/optimizer"):
-                        ctx.optimizer.step()
-                        ctx.optimizer.zero_grad()
-                with torch.no_grad(), record_function("train/stats"):
-                    losses["entropy"] = masked_mean(entropy_from_logits(logits.detach()), ~padding_mask[idx])
-                    ratios.append((new_logprobs - logprobs[idx]).exp()[~padding_mask[idx]])
-                for key in stats:
-                    stats[key].append(losses[key].detach())
+    stats, ratios = ppo.train_on_rollouts(ctx.model, accelerator, ctx.optimizer, batch, args, ctx.plan, ctx.shuffle,
+                                          ctx.pad, ctx.loss_temperature)
     ctx.scheduler.step()
-    common.synchronize(device_type)
+    common.synchronize(ctx.device.type)
     train_end, train_cpu_end = time.perf_counter(), time.process_time()
-
-    # ---- the per-update statistics (ppo.py logs them; here only reduced to floats, which syncs like the stage)
+    # The per-update statistics: ppo.py logs them; here only reduced to floats, which syncs like the stage.
     with torch.no_grad(), record_function("log/stats"):
-        local = {
-            "objective/kl": kl.sum(1).mean(),
-            "objective/entropy": (-logprobs.masked_fill(padding_mask, 0.0)).sum(1).mean(),
-            "objective/non_score_reward": non_score_reward.sum(1).mean(),
-            "objective/scores": scores.mean(),
-            "policy/approxkl_avg": torch.stack(stats["approxkl"]).mean(),
-            "policy/clipfrac_avg": torch.stack(stats["pg_clipfrac"]).mean(),
-            "policy/entropy_avg": torch.stack(stats["entropy"]).mean(),
-            "loss/policy_avg": torch.stack(stats["pg_loss"]).mean(),
-            "loss/value_avg": torch.stack(stats["vf_loss"]).mean(),
-            "val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean(),
-            "val/ratio": torch.cat(ratios).mean(),
-            "val/ratio_var": torch.cat(ratios).var(),
-            "val/num_eos_tokens": (responses == eos).sum().float(),
-            "val/eos_rate": (postprocessed == eos).any(1).float().mean(),
-            "val/response_token_len": (masks["sequence_lengths"] + 1).float().mean(),
-        }
+        local = ppo.update_statistics(batch, stats, ratios, ctx.eos)
         names = list(local)
-        reduced = accelerator.reduce(torch.stack([local[k].float() for k in names]).to(device), reduction="mean")
+        reduced = accelerator.reduce(torch.stack([local[k].float() for k in names]).to(ctx.device), reduction="mean")
         logged = dict(zip(names, reduced.tolist(), strict=True))
     ctx.kl_controller.update(logged["objective/kl"], args.batch_size)
     end = time.perf_counter()

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.profiler import record_function  # phase labels for `benchmark/bench_ppo.py --profile`
 
 from summarize_from_feedback_details.core import (
     BatchPlan,
@@ -389,89 +390,15 @@ def main(args: Args) -> dict[str, Any]:
     shuffle = np.random.default_rng(args.seed + stage.rank * 100003)  # G-2: per-rank minibatch shuffles
     start_time = time.time()
     for update in stage.progress(list(range(1, plan.num_updates + 1)), "PPO updates"):
-        # ---- rollouts (no gradients)
         queries = batch_tensor(train.select(next(prompts)), "query_token", device)
-        context_length = queries.size(1)
-        unwrapped.policy.eval()
-        with torch.no_grad():
-            chunks: dict[str, list[Any]] = {k: [] for k in ("responses", "postprocessed", "logprobs", "ref_logprobs", "values", "scores")}
-            for i in range(0, plan.local_batch_size, args.local_rollout_forward_batch_size):
-                query = queries[i : i + args.local_rollout_forward_batch_size]
-                # Detail 23.1: a fixed number of tokens; P-1: log-probs of the temperature-scaled sampling scores.
-                response, logprob = sample(unwrapped.policy, query, pad, response_length, args.temperature)
-                query_response = torch.cat([query, response], 1)
-                ref_logits = response_logits(ref_policy, query_response, pad, context_length, loss_temperature)  # Detail P-1
-                ref_logprob = gather_logprobs(ref_logits, response)
-                value = unwrapped.values(query_response, pad, context_length)
-                # Detail 23.2: tokens after the first EOS become [PAD] before the RM sees them; Detail 12: read at EOS.
-                postprocessed = truncate_after_eos(response, eos, pad)
-                score = sequence_scores(reward_model, torch.cat([query, postprocessed], 1), pad, context_length)
-                if args.eos_trick:  # Detail 23.3: -1 without an EOS
-                    score = penalize_missing_eos(score, postprocessed, eos, args.penalty_reward_value)
-                for key, tensor in zip(chunks, (response, postprocessed, logprob, ref_logprob, value, score), strict=True):
-                    chunks[key].append(tensor)
-            responses, postprocessed, logprobs, ref_logprobs, values, scores = (torch.cat(chunks[k]) for k in chunks)
-            query_responses = torch.cat([queries, responses], 1)
-            masks = response_masks(postprocessed, pad, args.score_at)  # Detail P-2
-            padding_mask, value_padding_mask = masks["padding_mask"], masks["value_padding_mask"]
-            logprobs = logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
-            ref_logprobs = ref_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
-            values = values.masked_fill(value_padding_mask, 0.0)
-            rewards, kl, non_score_reward = per_token_rewards(logprobs, ref_logprobs, scores, masks, kl_controller.value)  # Detail P-2
-            if args.whiten_rewards:  # Detail 24: off by default
-                rewards = whiten_rewards(rewards, value_padding_mask)
-            advantages, returns = generalized_advantage_estimation(rewards, values, args.gamma, args.lam)  # Detail P-3
-            if args.whiten_advantages:  # Detail 25
-                advantages = whiten_advantages(advantages, padding_mask)
-
-        # ---- num_ppo_epochs passes of clipped PPO over minibatches, gradient accumulation inside
-        unwrapped.policy.train()
-        stats: dict[str, list[Any]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "entropy")}
-        ratios = []
-        for _ in range(args.num_ppo_epochs):
-            order = torch.as_tensor(shuffle.permutation(plan.local_batch_size), device=device)
-            for mini_start in range(0, plan.local_batch_size, plan.local_mini_batch_size):
-                mini = order[mini_start : mini_start + plan.local_mini_batch_size]
-                for micro_start in range(0, plan.local_mini_batch_size, args.local_micro_batch_size):
-                    idx = mini[micro_start : micro_start + args.local_micro_batch_size]
-                    with accelerator.accumulate(model):
-                        logits, new_values = model(query_responses[idx], pad, context_length, loss_temperature)
-                        new_logprobs = gather_logprobs(logits, responses[idx]).masked_fill(padding_mask[idx], INVALID_LOGPROB)
-                        new_values = new_values.masked_fill(value_padding_mask[idx], 0.0)
-                        # Detail P-4: clipped surrogate + 0.1 x clipped value loss.
-                        losses = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], new_values, values[idx], returns[idx],
-                                            padding_mask[idx], value_padding_mask[idx], args.cliprange, args.cliprange_value, args.vf_coef)
-                        accelerator.backward(losses["loss"])
-                        optimizer.step()
-                        optimizer.zero_grad()
-                    with torch.no_grad():
-                        losses["entropy"] = masked_mean(entropy_from_logits(logits.detach()), ~padding_mask[idx])
-                        ratios.append((new_logprobs - logprobs[idx]).exp()[~padding_mask[idx]])
-                    for key in stats:
-                        stats[key].append(losses[key].detach())
+        batch = collect_rollouts(unwrapped, ref_policy, reward_model, queries, args, kl_controller.value, pad, eos,
+                                 response_length, loss_temperature)
+        stats, ratios = train_on_rollouts(model, accelerator, optimizer, batch, args, plan, shuffle, pad, loss_temperature)
         scheduler.step()  # once per update: linear decay to 0 over the run (Detail 20)
 
         # ---- logging and the per-update validation batch
-        with torch.no_grad():  # Detail P-5: the paper's per-update metrics
-            mean_kl = kl.sum(1).mean()
-            local = {
-                "objective/kl": mean_kl,
-                "objective/entropy": (-logprobs.masked_fill(padding_mask, 0.0)).sum(1).mean(),
-                "objective/non_score_reward": non_score_reward.sum(1).mean(),
-                "objective/rlhf_reward": non_score_reward.sum(1).mean() + scores.mean(),
-                "objective/scores": scores.mean(),
-                "policy/approxkl_avg": torch.stack(stats["approxkl"]).mean(),
-                "policy/clipfrac_avg": torch.stack(stats["pg_clipfrac"]).mean(),
-                "policy/entropy_avg": torch.stack(stats["entropy"]).mean(),
-                "loss/policy_avg": torch.stack(stats["pg_loss"]).mean(),
-                "loss/value_avg": torch.stack(stats["vf_loss"]).mean(),
-                "val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean(),
-                "val/ratio": torch.cat(ratios).mean(),
-                "val/ratio_var": torch.cat(ratios).var(),
-                "val/num_eos_tokens": (responses == eos).sum().float(),
-                "val/eos_rate": (postprocessed == eos).any(1).float().mean(),
-                "val/response_token_len": (masks["sequence_lengths"] + 1).float().mean(),
-            }
+        with torch.no_grad():
+            local = update_statistics(batch, stats, ratios, eos)  # Detail P-5
             if args.eval_every and (update % args.eval_every == 0 or update == plan.num_updates):  # Detail P-6
                 unwrapped.policy.eval()
                 eval_responses = truncate_after_eos(sample(unwrapped.policy, eval_queries, pad, response_length, args.eval_temperature)[0], eos, pad)
@@ -504,6 +431,118 @@ def main(args: Args) -> dict[str, Any]:
     if args.push_to_hub and stage.is_main:
         summary["hub_url"] = push_run_to_hub(stage.run_dir / "model", args, stage.run_name, f"{Path(args.sft_model_path).name}__ppo__tldr")
     return summary
+
+
+def collect_rollouts(
+    unwrapped: PolicyAndValue, ref_policy: Any, reward_model: Any, queries: Any, args: Args, kl_coef: float, pad: int, eos: int,
+    response_length: int, loss_temperature: float | None, sampler: str = "multinomial",
+) -> dict[str, Any]:
+    """One batch of rollouts without gradients: sampled responses, the old log-probs, reference log-probs, values,
+    RM scores, the per-token rewards, advantages and returns (Details 23-25, P-1..P-3), with the masks."""
+    context_length = queries.size(1)
+    unwrapped.policy.eval()
+    with torch.no_grad():
+        chunks: dict[str, list[Any]] = {k: [] for k in ("responses", "postprocessed", "logprobs", "ref_logprobs", "values", "scores")}
+        for i in range(0, queries.size(0), args.local_rollout_forward_batch_size):
+            query = queries[i : i + args.local_rollout_forward_batch_size]
+            with record_function("rollout/sample"):  # Detail 23.1: a fixed number of tokens; P-1: temperature-scaled log-probs
+                response, logprob = sample(unwrapped.policy, query, pad, response_length, args.temperature, sampler=sampler)
+            query_response = torch.cat([query, response], 1)
+            with record_function("rollout/ref_logprobs"):
+                ref_logits = response_logits(ref_policy, query_response, pad, context_length, loss_temperature)  # Detail P-1
+                ref_logprob = gather_logprobs(ref_logits, response)
+            with record_function("rollout/values"):
+                value = unwrapped.values(query_response, pad, context_length)
+            with record_function("rollout/scores"):
+                # Detail 23.2: tokens after the first EOS become [PAD] before the RM sees them; Detail 12: read at EOS.
+                postprocessed = truncate_after_eos(response, eos, pad)
+                score = sequence_scores(reward_model, torch.cat([query, postprocessed], 1), pad, context_length)
+                if args.eos_trick:  # Detail 23.3: -1 without an EOS
+                    score = penalize_missing_eos(score, postprocessed, eos, args.penalty_reward_value)
+            for key, tensor in zip(chunks, (response, postprocessed, logprob, ref_logprob, value, score), strict=True):
+                chunks[key].append(tensor)
+        with record_function("rollout/advantages"):
+            responses, postprocessed, logprobs, ref_logprobs, values, scores = (torch.cat(chunks[k]) for k in chunks)
+            masks = response_masks(postprocessed, pad, args.score_at)  # Detail P-2
+            padding_mask, value_padding_mask = masks["padding_mask"], masks["value_padding_mask"]
+            logprobs = logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
+            ref_logprobs = ref_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
+            values = values.masked_fill(value_padding_mask, 0.0)
+            rewards, kl, non_score_reward = per_token_rewards(logprobs, ref_logprobs, scores, masks, kl_coef)  # Detail P-2
+            if args.whiten_rewards:  # Detail 24: off by default
+                rewards = whiten_rewards(rewards, value_padding_mask)
+            advantages, returns = generalized_advantage_estimation(rewards, values, args.gamma, args.lam)  # Detail P-3
+            if args.whiten_advantages:  # Detail 25
+                advantages = whiten_advantages(advantages, padding_mask)
+    return {
+        "query_responses": torch.cat([queries, responses], 1), "context_length": context_length, "responses": responses,
+        "postprocessed": postprocessed, "logprobs": logprobs, "values": values, "scores": scores, "kl": kl,
+        "non_score_reward": non_score_reward, "advantages": advantages, "returns": returns, **masks,
+    }
+
+
+def train_on_rollouts(
+    model: Any, accelerator: Any, optimizer: Any, batch: dict[str, Any], args: Args, plan: PPOPlan, shuffle: Any, pad: int,
+    loss_temperature: float | None,
+) -> tuple[dict[str, list[Any]], list[Any]]:
+    """`num_ppo_epochs` passes of clipped PPO (Detail P-4) over shuffled minibatches of the rollouts, gradient
+    accumulation over micro-batches inside each; returns the per-micro-batch statistics and probability ratios."""
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.policy.train()
+    query_responses, responses, context_length = batch["query_responses"], batch["responses"], batch["context_length"]
+    logprobs, values, advantages, returns = batch["logprobs"], batch["values"], batch["advantages"], batch["returns"]
+    padding_mask, value_padding_mask = batch["padding_mask"], batch["value_padding_mask"]
+    stats: dict[str, list[Any]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "entropy")}
+    ratios = []
+    for _ in range(args.num_ppo_epochs):
+        order = torch.as_tensor(shuffle.permutation(plan.local_batch_size), device=responses.device)
+        for mini_start in range(0, plan.local_batch_size, plan.local_mini_batch_size):
+            mini = order[mini_start : mini_start + plan.local_mini_batch_size]
+            for micro_start in range(0, plan.local_mini_batch_size, args.local_micro_batch_size):
+                idx = mini[micro_start : micro_start + args.local_micro_batch_size]
+                with accelerator.accumulate(model):
+                    with record_function("train/forward"):
+                        logits, new_values = model(query_responses[idx], pad, context_length, loss_temperature)
+                        new_logprobs = gather_logprobs(logits, responses[idx]).masked_fill(padding_mask[idx], INVALID_LOGPROB)
+                        new_values = new_values.masked_fill(value_padding_mask[idx], 0.0)
+                        # Detail P-4: clipped surrogate + 0.1 x clipped value loss.
+                        losses = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], new_values, values[idx], returns[idx],
+                                            padding_mask[idx], value_padding_mask[idx], args.cliprange, args.cliprange_value, args.vf_coef)
+                    with record_function("train/backward"):
+                        accelerator.backward(losses["loss"])
+                    with record_function("train/optimizer"):
+                        optimizer.step()
+                        optimizer.zero_grad()
+                with torch.no_grad(), record_function("train/stats"):
+                    losses["entropy"] = masked_mean(entropy_from_logits(logits.detach()), ~padding_mask[idx])
+                    ratios.append((new_logprobs - logprobs[idx]).exp()[~padding_mask[idx]])
+                for key in stats:
+                    stats[key].append(losses[key].detach())
+    return stats, ratios
+
+
+def update_statistics(batch: dict[str, Any], stats: dict[str, list[Any]], ratios: list[Any], eos: int) -> dict[str, Any]:
+    """Detail P-5: the paper's per-update metrics on this process's rollouts and PPO passes (not yet reduced)."""
+    padding_mask, postprocessed, scores = batch["padding_mask"], batch["postprocessed"], batch["scores"]
+    non_score_reward = batch["non_score_reward"].sum(1).mean()
+    return {
+        "objective/kl": batch["kl"].sum(1).mean(),
+        "objective/entropy": (-batch["logprobs"].masked_fill(padding_mask, 0.0)).sum(1).mean(),
+        "objective/non_score_reward": non_score_reward,
+        "objective/rlhf_reward": non_score_reward + scores.mean(),
+        "objective/scores": scores.mean(),
+        "policy/approxkl_avg": torch.stack(stats["approxkl"]).mean(),
+        "policy/clipfrac_avg": torch.stack(stats["pg_clipfrac"]).mean(),
+        "policy/entropy_avg": torch.stack(stats["entropy"]).mean(),
+        "loss/policy_avg": torch.stack(stats["pg_loss"]).mean(),
+        "loss/value_avg": torch.stack(stats["vf_loss"]).mean(),
+        "val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean(),
+        "val/ratio": torch.cat(ratios).mean(),
+        "val/ratio_var": torch.cat(ratios).var(),
+        "val/num_eos_tokens": (batch["responses"] == eos).sum().float(),
+        "val/eos_rate": (postprocessed == eos).any(1).float().mean(),
+        "val/response_token_len": (batch["sequence_lengths"] + 1).float().mean(),
+    }
 
 
 def history_step(metrics: dict[str, Any], logged: dict[str, float]) -> None:
