@@ -45,7 +45,7 @@ class Args:
     """model shapes to time: tiny (the embedded tiny-pythia-s), pythia-14m, pythia-70m, pythia-1b"""
     implementations: tuple[Literal["ours", "trl", "ours_proposed"], ...] = IMPLEMENTATIONS
     """which PPO updates to time (trl needs `pip install trl==1.12.0`, the benchmark-only extra); ours_proposed:
-    ours with the changes proposed for ppo.py / training.py (fused AdamW, inverse-CDF sampling)"""
+    ours with the change proposed for ppo.py (inverse-CDF sampling; fused AdamW landed in training.py)"""
     device: Literal["cpu", "cuda"] = "cpu"
     """where to run"""
     dtype: Literal["fp32", "bf16"] = "fp32"
@@ -144,8 +144,7 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
     (Detail 22: policy and reference alike, critic a copy of the reward model)."""
     import datasets
     import numpy as np
-    import torch
-    from transformers import GPTNeoXForCausalLM, get_scheduler
+    from transformers import GPTNeoXForCausalLM
 
     from summarize_from_feedback_details import ppo
     from summarize_from_feedback_details.modeling import (
@@ -175,9 +174,6 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
     model = ppo.PolicyAndValue(policy, critic)
     optimizer, scheduler = make_optimizer_and_scheduler(model, args.lr, args.eps, args.scheduler, args.warm_up_steps, plan.num_updates)
     proposed = case["implementation"] == PROPOSED
-    if proposed:  # proposed for training.py: the same AdamW, fused (one kernel over all parameters, CPU and GPU)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps, fused=True)
-        scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=args.warm_up_steps, num_training_steps=plan.num_updates)
     accelerator = stage.accelerator(plan.mini)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device

@@ -218,11 +218,13 @@ def check_vocabulary(config: Any, tokenizer: Any, path: str) -> None:
 
 
 def make_optimizer_and_scheduler(model: Any, lr: float, eps: float, scheduler: str, warm_up_steps: int, num_updates: int) -> tuple[Any, Any]:
-    """G-1: AdamW with one learning rate and eps 1e-5, and its schedule over `num_updates`."""
+    """G-1: AdamW with one learning rate and eps 1e-5, and its schedule over `num_updates`. The fused AdamW (one
+    kernel over all parameters) computes the same update as the per-tensor loop, 8x faster on CPU at Pythia-14m
+    (benchmark/README.md); a test checks the two agree."""
     import torch
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps, fused=True)
     return optimizer, get_scheduler(scheduler, optimizer, num_warmup_steps=warm_up_steps, num_training_steps=num_updates)
 
 

@@ -30,6 +30,7 @@ from summarize_from_feedback_details.sft import sft_loss
 from summarize_from_feedback_details.training import (
     accuracy_breakdown,
     load_causal_lm,
+    make_optimizer_and_scheduler,
     response_texts,
     rouge_scores,
     shard_range,
@@ -126,6 +127,34 @@ def test_scalar_model_head_init_reward_at_eos_and_bias_survives_reload(tmp_path)
     assert reloaded.config.bias == 0.25
     assert torch.equal(sequence_scores(reloaded, tokens, PAD), scores - 0.25)
     assert type(AutoModel.from_pretrained(tmp_path / "rm")).__name__ == "ScalarModel"
+
+
+def test_fused_adamw_equals_the_per_tensor_loop():
+    """The stages' fused AdamW (G-1: one lr, eps 1e-5, linear decay) moves the weights as torch's reference
+    for-loop AdamW does, over 5 steps of a GPT-NeoX LM loss."""
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    fused_model = GPTNeoXForCausalLM(tiny_config())
+    loop_model = GPTNeoXForCausalLM(tiny_config())
+    loop_model.load_state_dict(fused_model.state_dict())
+    start = {name: p.detach().clone() for name, p in fused_model.named_parameters()}
+    fused, fused_schedule = make_optimizer_and_scheduler(fused_model, 1e-2, 1e-5, "linear", 0, 5)
+    assert fused.defaults["fused"]
+    loop = torch.optim.AdamW(loop_model.parameters(), lr=1e-2, eps=1e-5, foreach=False)
+    loop_schedule = torch.optim.lr_scheduler.LambdaLR(loop, lambda step: 1 - step / 5)
+    tokens = torch.randint(0, 16, (4, 12))
+    for _ in range(5):
+        for model, optimizer, schedule in ((fused_model, fused, fused_schedule), (loop_model, loop, loop_schedule)):
+            model(tokens, labels=tokens).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            schedule.step()
+    moved = 0.0
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+        moved = max(moved, (a - start[name]).abs().max().item())
+    assert moved > 1e-2  # the updates are far larger than the tolerance
 
 
 def test_dropout_is_disabled_on_load(tmp_path):
