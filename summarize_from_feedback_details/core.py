@@ -314,6 +314,13 @@ def make_run_name(args: RunArgs) -> str:
     return args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
 
+def wandb_names(args: Any, run_dir: Path) -> tuple[str, str]:
+    """(run name, group) on Weights & Biases: `{exp_name}__seed{seed}__{run}` grouped by exp_name, so the seeds
+    of one sweep cell sit together and runs of different cells that share a run name stay apart."""
+    exp_name = getattr(args, "exp_name", run_dir.name)
+    return f"{exp_name}__seed{getattr(args, 'seed', 0)}__{run_dir.name}", exp_name
+
+
 class RunLogger:
     """TensorBoard always (main process), Weights & Biases with --track; one printed line per call."""
 
@@ -333,8 +340,9 @@ class RunLogger:
                 import wandb
             except ImportError as error:
                 raise UserInputError("--track needs wandb: pip install -e '.[tracking]'") from error
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=config,
-                                    dir=str(run_dir), sync_tensorboard=False)
+            name, group = wandb_names(args, run_dir)
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name, group=group,
+                                    config=config, dir=str(run_dir), sync_tensorboard=False)
 
     def log(self, metrics: dict[str, float], step: int, prefix: str = "") -> None:
         if not self.is_main:

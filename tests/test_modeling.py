@@ -15,6 +15,7 @@ from summarize_from_feedback_details.core import (
     plan_batches,
     shard_micro_batches,
     training_schedule,
+    wandb_names,
 )
 from summarize_from_feedback_details.modeling import (
     ScalarModel,
@@ -245,3 +246,13 @@ def test_atomic_directory_leaves_nothing_half_written(tmp_path):
             raise RuntimeError("crash while saving")
     assert (target / "weights").read_text() == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_wandb_names_keep_sweep_cells_and_seeds_apart(tmp_path):
+    """A sweep runs every cell with --run_name ppo: the W&B name adds the experiment and the seed, the group is
+    the experiment (sweep.sh sets --exp_name {stage}_{size})."""
+    from summarize_from_feedback_details.ppo import Args
+
+    names = {wandb_names(Args(exp_name=f"ppo_{size}", seed=seed), tmp_path / "ppo") for size in ("1b", "2.8b") for seed in (1, 2)}
+    assert len({name for name, _ in names}) == 4 and {group for _, group in names} == {"ppo_1b", "ppo_2.8b"}
+    assert wandb_names(Args(exp_name="ppo_1b", seed=2), tmp_path / "ppo") == ("ppo_1b__seed2__ppo", "ppo_1b")

@@ -14,7 +14,14 @@ from conftest import REPO, run_module
 from summarize_from_feedback_details import embedded as E
 from summarize_from_feedback_details.core import CNNDM_BATCHES, UserInputError, column
 from summarize_from_feedback_details.details import DETAILS
-from summarize_from_feedback_details.tldr_dataset import PRESETS, Args, Lengths, dataset_card, follow_embedded_dir, main
+from summarize_from_feedback_details.tldr_dataset import (
+    PRESETS,
+    Args,
+    Lengths,
+    dataset_card,
+    follow_embedded_dir,
+    main,
+)
 
 SFT_COLUMNS = {
     "id", "subreddit", "title", "post", "summary", "query_token", "query", "query_token_len", "truncated_post",
