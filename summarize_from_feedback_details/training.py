@@ -32,6 +32,18 @@ from summarize_from_feedback_details.modeling import (
 )
 
 
+def zero2_plugin(gradient_accumulation_steps: int) -> Any:
+    """Detail 8: DeepSpeed ZeRO-2 for the trained models. Detail 20: no gradient clipping (0 disables it in
+    DeepSpeed; "auto" would clip). Offload is set explicitly: left unset, accelerate reads it from the launcher's
+    environment (e.g. the ZeRO-3 offload yaml meant for PPO's frozen models) and would offload these too."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    return DeepSpeedPlugin(
+        zero_stage=2, gradient_accumulation_steps=gradient_accumulation_steps, gradient_clipping=0.0,
+        offload_optimizer_device="none", offload_param_device="none", zero3_init_flag=False,
+    )
+
+
 @dataclasses.dataclass
 class Stage:
     """One run of a stage on this process: rank, run directory, logger and the accelerator."""
@@ -79,11 +91,7 @@ class Stage:
 
         kwargs: dict[str, Any] = {"gradient_accumulation_steps": plan.gradient_accumulation_steps}
         if self.args.deepspeed:
-            from accelerate.utils import DeepSpeedPlugin
-
-            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
-                zero_stage=2, gradient_accumulation_steps=plan.gradient_accumulation_steps, gradient_clipping=0.0
-            )  # Detail 20: no gradient clipping (0 disables it in DeepSpeed; "auto" would clip)
+            kwargs["deepspeed_plugin"] = zero2_plugin(plan.gradient_accumulation_steps)
         if torch.cuda.is_available():
             kwargs["mixed_precision"] = self.args.mixed_precision
         elif not self.args.deepspeed:  # cpu=True would silently drop the DeepSpeed plugin

@@ -256,3 +256,16 @@ def test_wandb_names_keep_sweep_cells_and_seeds_apart(tmp_path):
     names = {wandb_names(Args(exp_name=f"ppo_{size}", seed=seed), tmp_path / "ppo") for size in ("1b", "2.8b") for seed in (1, 2)}
     assert len({name for name, _ in names}) == 4 and {group for _, group in names} == {"ppo_1b", "ppo_2.8b"}
     assert wandb_names(Args(exp_name="ppo_1b", seed=2), tmp_path / "ppo") == ("ppo_1b__seed2__ppo", "ppo_1b")
+
+
+def test_zero2_plugin_ignores_the_launchers_offload_settings(monkeypatch):
+    """Detail 8: the trained models run ZeRO-2 without offload, without gradient clipping, even when the launcher's
+    environment asks for ZeRO-3 with CPU offload (as `accelerate launch` with the frozen-model yaml exports it)."""
+    from summarize_from_feedback_details.training import zero2_plugin
+
+    for name, value in {"OFFLOAD_PARAM_DEVICE": "cpu", "OFFLOAD_OPTIMIZER_DEVICE": "cpu", "ZERO_STAGE": "3", "ZERO3_INIT": "true"}.items():
+        monkeypatch.setenv(f"ACCELERATE_DEEPSPEED_{name}", value)
+    config = zero2_plugin(4).deepspeed_config
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 2 and zero["offload_param"]["device"] == "none" and zero["offload_optimizer"]["device"] == "none"
+    assert config["gradient_accumulation_steps"] == 4  # (clipping: Stage.accelerator and the DeepSpeed run test)
