@@ -13,9 +13,19 @@ The task. A post has key facts (who: a relation; what: an event; a feeling; the 
 irrelevant filler paragraphs (places, hobbies, food, weather, pets), and sometimes enough filler to need
 truncation. `gold_utility(post, summary)` scores a summary: credit for each key fact of the post it
 mentions, penalties for irrelevant details, invented facts, verbosity, repetition and a missing final
-punctuation. Human references follow a deterministic rule with per-writer imperfections (so a policy
-can beat them), synthetic "policies" write the summaries that labellers compare, and labels follow a
+punctuation. Human references follow a deterministic rule with the writers' habits: more often than not
+they tack on an irrelevant detail, sometimes they drop an optional fact (so a policy can beat them).
+Synthetic "policies" write the summaries that labellers compare (the supervised ones invent facts as often
+as the tiny SFT models do, so the comparisons teach what hallucination costs), and labels follow a
 Bradley-Terry model of the utility gap with noise that varies by worker; confidence grows with the gap.
+
+Why the references carry a visible flaw (version 4): a tiny reward model judges style (irrelevant details,
+length, structure) as well as the gold labels allow, but it does not learn to check facts against the post
+(validation pairs that differ in invented facts: 0.57-0.58 correct against 0.87 for the gold utility, for
+tiny-pythia-s after 1 or 4 epochs and for tiny-pythia-m). With near-perfect references the only thing left
+for PPO to fix was facts, so it over-optimised the RM (best-of-16 by the RM picked WORSE summaries than a
+random sample). With references that, like real TL;DR ones, have a flaw the labellers dislike, SFT imitates
+the flaw and PPO removes it while the KL keeps the facts, which is the paper's finding at tiny scale.
 CNN/DM-like news articles (org, city, news event, weekday) form the out-of-distribution split.
 """
 
@@ -36,7 +46,7 @@ from typing import Any
 
 from summarize_from_feedback_details.core import CNNDM_BATCHES, atomic_directory, write_json
 
-EMBEDDED_VERSION = 3
+EMBEDDED_VERSION = 4
 EOS_TOKEN = "<|endoftext|>"
 # The learning rate of SFT, RM and DPO on the embedded task (G-1 at tiny scale; the paper's 3e-6 is far too
 # small for models trained for minutes).
@@ -74,12 +84,12 @@ MODEL_SIZES = (
 LENGTHS = dict(
     query=160,
     sft_response=33,
-    sft_query_response=190,
-    rm_response=50,
+    sft_query_response=192,
+    rm_response=51,
     rm_query_response=206,
     cnndm_query=192,
-    cnndm_response=26,
-    cnndm_query_response=205,
+    cnndm_response=24,
+    cnndm_query_response=208,
 )
 
 
@@ -361,19 +371,26 @@ def _summary_from_facts(facts: Facts, keep: dict[str, str | None], filler: str |
     return " " + text
 
 
+REFERENCE_FILLER_SHARE = 0.55  # references with an irrelevant detail tacked on (the writers' commonest habit)
+
+
 def reference_summary(facts: Facts, rng: random.Random) -> str:
-    """The human reference: the gold rule with one writer's habits (it drops or adds a detail sometimes)."""
+    """The human reference: the gold rule with the writers' habits. More often than not they tack on an
+    irrelevant detail (-0.75 each and the words count against the length budget), so the SFT policy that imitates
+    them does too, and a reward model that learned the labellers' dislike of such details has something to fix:
+    the embedded counterpart of references that PPO beats (SPEC: win rates above 50% against references).
+    Sometimes they also drop an optional fact."""
     keep: dict[str, str | None] = dict(facts.facts)
     filler = None
     style = rng.random()
     optional = ("feeling", "action") if facts.kind == "reddit" else ("weekday", "city")
-    if style < 0.15:
-        keep[optional[0]] = None
-    elif style < 0.27:
-        keep[optional[1]] = None
-    elif style < 0.37:
+    if style < REFERENCE_FILLER_SHARE:
         filler = _filler_clause(facts, rng)
-    elif style < 0.45:
+    elif style < REFERENCE_FILLER_SHARE + 0.10:
+        keep[optional[0]] = None
+    elif style < REFERENCE_FILLER_SHARE + 0.18:
+        keep[optional[1]] = None
+    elif style < REFERENCE_FILLER_SHARE + 0.23:
         keep[optional[0]] = keep[optional[1]] = None
     return _summary_from_facts(facts, keep, filler)
 
@@ -401,12 +418,12 @@ def _extractive_summary(post: str, rng: random.Random) -> str:
 POLICIES: dict[str, Callable[[Facts, str, random.Random, str], str]] = {
     # name -> (facts, post, rng, reference) -> summary; names mimic the real labelling policies
     "ref": lambda facts, post, rng, ref: ref,
-    "sup1_t0.7": lambda facts, post, rng, ref: _noisy_summary(facts, rng, 0.35, 0.15, 0.2),
-    "sup2_t0.7": lambda facts, post, rng, ref: _noisy_summary(facts, rng, 0.2, 0.08, 0.1),
+    "sup1_t0.7": lambda facts, post, rng, ref: _noisy_summary(facts, rng, 0.2, 0.3, 0.2),
+    "sup2_t0.7": lambda facts, post, rng, ref: _noisy_summary(facts, rng, 0.1, 0.2, 0.1),
     "pretrain_t0.7": lambda facts, post, rng, ref: _extractive_summary(post, rng),
     "sup2_ppo_rm1_t0.3": lambda facts, post, rng, ref: _verbose_summary(facts, rng),
     "sup2_bo8_rm1": lambda facts, post, rng, ref: max(
-        (_noisy_summary(facts, rng, 0.35, 0.15, 0.2) for _ in range(8)),
+        (_noisy_summary(facts, rng, 0.2, 0.3, 0.2) for _ in range(8)),
         key=lambda s: gold_utility(post, s) + rng.gauss(0, 0.5),
     ),
 }
@@ -453,8 +470,11 @@ def generate_task(config: BuildConfig) -> dict[str, dict[str, list[dict[str, Any
         sft[split] = [row for row, _ in rows]
 
     def comparison(info: dict[str, Any], facts: Facts, text: str, reference: str, batch: str, policies: list[str], split: str) -> dict[str, Any]:
-        names = rng.sample(policies, 2)
-        summaries = [POLICIES[name](facts, text, rng, reference) for name in names]
+        for _ in range(20):  # two identical texts teach the RM nothing and cap its accuracy: draw again
+            names = rng.sample(policies, 2)
+            summaries = [POLICIES[name](facts, text, rng, reference) for name in names]
+            if summaries[0] != summaries[1]:
+                break
         worker = rng.choice(list(worker_noise))
         choice, confidence = label_comparison(gold_utility(text, summaries[0]), gold_utility(text, summaries[1]), worker_noise[worker], rng)
         return {

@@ -25,13 +25,21 @@ def _common(sft_run: Path, reward_run: Path, dataset: Path, runs_dir: Path) -> l
 
 def test_ppo_end_to_end(ppo_run, sft_run):
     """Details 20-25, P-5, P-6 on the embedded task: the policy's validation RM score rises above the SFT
-    policy's, the KL stays bounded, EOS stays (the -1 penalty), every P-5 metric is logged, the tables of
-    P-6 are written and the policy reloads as a causal LM."""
+    policy's and so does the gold utility (the RM taught it to drop the irrelevant detail the references, and
+    so the SFT policy, tack on) and its win rate against the references; the KL stays bounded, EOS stays (the
+    -1 penalty), every P-5 metric is logged, the tables of P-6 are written and the policy reloads as a causal LM."""
     from transformers import AutoModelForCausalLM
 
     m = read_metrics(ppo_run)
     assert m["world_size"] == 1 and m["num_updates"] == 24
-    assert m["eval/validation/score"] > m["sft/validation/score"] + 0.05, m  # measured 0.325 -> 0.454
+    assert m["eval/validation/score"] > m["sft/validation/score"] + 0.05, m  # measured 0.005 -> 0.265
+    # Gold utility, validation and test (100 queries each): measured -0.45 -> +0.26 and -0.47 -> +0.49; shorter
+    # responses (26.5 -> 17.5 tokens); wins against the references 2 + 6 -> 3 + 15 of 200.
+    for split in ("validation", "test"):
+        assert m[f"eval/{split}/gold_utility"] > m[f"sft/{split}/gold_utility"] + 0.2, (split, m)
+        assert m[f"eval/{split}/response_token_len"] < m[f"sft/{split}/response_token_len"] - 3
+    wins = {policy: sum(m[f"{policy}/{split}/gold_win_rate"] for split in ("validation", "test")) for policy in ("sft", "eval")}
+    assert wins["eval"] > wins["sft"], wins
     assert m["eval/validation/eos_rate"] >= m["sft/validation/eos_rate"] - 0.05
     assert 0.0 < m["last/objective/kl"] < 20.0  # nats per response, summed over tokens
     assert m["last/objective/validation_score"] > m["first/objective/validation_score"]
