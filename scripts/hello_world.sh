@@ -7,7 +7,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_DATASETS_DISABLE_PROGRESS_BARS="${HF_DATASETS_DISABLE_PROGRESS_BARS:-1}" TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
-stage() { echo; echo "=== $1 ($(($(date +%s) - start)) s) ==="; }
+mkdir -p runs
+timings=runs/hello_world_seconds.txt
+: > "$timings"
+last=$start
+current=""
+stage() {  # closes the previous stage's timing line, opens the next
+  local now; now=$(date +%s)
+  [ -n "$current" ] && printf '%-10s %5d s\n' "$current" $((now - last)) >> "$timings"
+  current=${1%%:*}; current=${current%% *}; last=$now
+  echo; echo "=== $1 ($((now - start)) s) ==="
+}
 
 stage "embedded assets: synthetic TL;DR-like task, BPE tokenizer, tiny Pythia models (reused when built)"
 python -m summarize_from_feedback_details.embedded --out_dir assets/embedded --sizes tiny-pythia-s >/dev/null
@@ -29,6 +39,14 @@ python -m summarize_from_feedback_details.ppo embedded --sft_model_path runs/sft
 stage "DPO: dpo.py (baseline, Detail 19) from SFT -> runs/dpo_embedded"
 python -m summarize_from_feedback_details.dpo embedded --sft_model_path runs/sft_embedded/model \
     --reward_model_path runs/reward_embedded/model --run_name dpo_embedded --max_eval_samples 200 --logging_steps 50
+
+stage "judge: gold utility (offline judge.py) -> runs/*/query_responses_validation*_judged_gold.*"
+python -m summarize_from_feedback_details.judge --table runs/ppo_embedded/query_responses_validation.parquet --judge gold \
+    --output_name ppo_vs_reference_judged_gold
+python -m summarize_from_feedback_details.judge --table runs/ppo_embedded/query_responses_validation.parquet --judge gold \
+    --baseline_table runs/ppo_embedded/sft_query_responses_validation.parquet --output_name ppo_vs_sft_judged_gold
+python -m summarize_from_feedback_details.judge --table runs/dpo_embedded/query_responses_validation.parquet --judge gold \
+    --output_name dpo_vs_reference_judged_gold
 
 stage "done"
 python - <<'PY'
@@ -52,8 +70,16 @@ for label, m, prefix in (("SFT", ppo, "sft"), ("PPO", ppo, "eval"), ("DPO (up to
     v = lambda k: m[f"{prefix}/validation/{k}"]
     print(f"{label:24}{v('score'):>10.3f}{v('gold_win_rate'):>10.3f}{v('gold_utility'):>10.2f}{v('response_token_len'):>8.1f}{v('eos_rate'):>6.2f}")
 print(f"PPO: {ppo['num_updates']} updates, {ppo['train/seconds_per_update']} s/update, final KL {ppo['last/objective/kl']:.2f} nats")
+for name, path in (("PPO vs references", "runs/ppo_embedded/ppo_vs_reference_judged_gold"),
+                   ("PPO vs SFT", "runs/ppo_embedded/ppo_vs_sft_judged_gold"),
+                   ("DPO vs references", "runs/dpo_embedded/dpo_vs_reference_judged_gold")):
+    j = json.load(open(path + ".summary.json"))
+    print(f"gold judge, {name:18} win rate {j['win_rate']:.3f} [{j['ci_low']:.3f}, {j['ci_high']:.3f}] (95% Wilson), "
+          f"{j['wins']} wins / {j['ties']} ties / {j['losses']} losses")
 print(f"seconds: data {data['seconds']}, SFT train {sft['train/seconds']}, RM train {rm['train/seconds']}, "
       f"PPO train {ppo['train/seconds']}, DPO train {dpo['train/seconds']}")
 print("figures: datasets/embedded/figures/*.png; TensorBoard: tensorboard --logdir runs")
 PY
+echo "seconds per stage:"
+cat "$timings"
 echo "total: $(($(date +%s) - start)) s"
