@@ -94,7 +94,7 @@ LENGTHS = dict(
     rm_query_response=206,
     cnndm_query=192,
     cnndm_response=24,
-    cnndm_query_response=208,
+    cnndm_query_response=207,
 )
 
 
