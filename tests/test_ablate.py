@@ -88,7 +88,7 @@ def test_ablation_args_inversion_and_bad_input(tmp_path, capsys):
     spaced = Detail("eval_spacing", "P-6", "t", "ppo", "--eval_every", ("--eval_every", "5"), None)
     assert ablate.ablation_args(spaced, "embedded", []) == (("--eval_every", "1"), True)
     assert ablate.ablation_args(spaced, "embedded", ["--eval_every", "2"]) == (("--eval_every", "5"), False)
-    noop = Detail("noop", "20", "t", "ppo", "--kl_coef", ("--kl_coef", "0.05"), None)
+    noop = Detail("noop", "P-4", "t", "ppo", "--cliprange", ("--cliprange", "0.2"), None)  # 0.2 in both presets
     with pytest.raises(UserInputError, match=r"detail 'noop': its ablation arguments .* change nothing"):
         ablate.ablation_args(noop, "embedded", [])
     with pytest.raises(UserInputError, match=r"--details: \['nope'\] are not ablatable"):
