@@ -201,9 +201,9 @@ def main(args: Args) -> dict[str, Any]:
 
 def embedded_args() -> Args:
     """DPO on the embedded offline task (pass --sft_model_path, and --reward_model_path to score samples)."""
-    from summarize_from_feedback_details.embedded import EMBEDDED_LR
+    from summarize_from_feedback_details.embedded import EMBEDDED_DPO_LR
 
-    return Args(dataset="datasets/embedded", lr=EMBEDDED_LR, batch_size=32, local_micro_batch_size=16, local_eval_batch_size=100,
+    return Args(dataset="datasets/embedded", lr=EMBEDDED_DPO_LR, batch_size=32, local_micro_batch_size=16, local_eval_batch_size=100,
                 eval_before_training=True, gold_eval=True)
 
 
