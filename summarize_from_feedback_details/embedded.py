@@ -96,7 +96,7 @@ LENGTHS = dict(
     sft_query_response=192,
     rm_response=51,
     rm_query_response=206,
-    cnndm_query=192,
+    cnndm_query=187,
     cnndm_response=24,
     cnndm_query_response=207,
 )
