@@ -40,14 +40,12 @@ PROPOSED = "ours_proposed"
 
 
 @dataclass
-class Args:
+class Args(common.MeasureArgs):
     shapes: tuple[str, ...] = ("tiny", "pythia-14m", "pythia-70m")
     """model shapes to time: tiny (the embedded tiny-pythia-s), pythia-14m, pythia-70m, pythia-1b"""
     implementations: tuple[Literal["ours", "trl", "ours_proposed"], ...] = IMPLEMENTATIONS
     """which PPO updates to time (trl needs `pip install trl==1.12.0`, the benchmark-only extra); ours_proposed:
     ours with the change proposed for ppo.py (inverse-CDF sampling; fused AdamW landed in training.py)"""
-    device: Literal["cpu", "cuda"] = "cpu"
-    """where to run"""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 autocast around the whole update (rollouts and training) for both implementations"""
     batch_size: int = 8
@@ -65,29 +63,11 @@ class Args:
     """sampling temperature (Detail 20)"""
     lr: float = 3e-6
     """AdamW learning rate of both (G-1)"""
-    warmup: int = 1
-    """untimed updates first (lazy initialisation, allocator warm-up)"""
-    repeats: int = 5
-    """timed updates; the table shows their median"""
-    threads: int | None = None
-    """torch CPU threads (default: torch's own choice, one per core)"""
-    seed: int = 1
-    """seed of the weights, the queries and the sampling"""
-    output_dir: str = "benchmark/results"
-    """where `{name}.json` and `{name}.md` are written"""
     name: str | None = None
     """results file name (default: ppo_{device}_{dtype})"""
     profile: bool = False
     """also run one extra update of ours under torch.profiler and save the phases and top operators
     ({name}_profile_{shape}_{implementation}.txt); the profiler's memory counts in that case's peak RSS"""
-    ceiling_seconds: float = 2.0
-    """seconds spent measuring the matmul ceiling, at the start and again at the end of the run"""
-    case_timeout: float = 3600.0
-    """seconds one case's process may run"""
-    case_json: str | None = None
-    """internal: run one case in this process (the parent passes it)"""
-    case_output: str | None = None
-    """internal: where that case writes its JSON result"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,10 +122,10 @@ class OursContext:
 def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
     """`ppo.main` up to its update loop, with random-weight models in place of the SFT / RM checkpoints
     (Detail 22: policy and reference alike, critic a copy of the reward model)."""
-    import datasets
     import numpy as np
     from transformers import GPTNeoXForCausalLM
 
+    import datasets
     from summarize_from_feedback_details import ppo
     from summarize_from_feedback_details.modeling import (
         ScalarModel,
@@ -312,10 +292,11 @@ def minimal_tokenizer(shape: common.Shape) -> Any:
 
 
 def run_trl(case: dict[str, Any]) -> dict[str, Any]:
-    import datasets
     import torch
     from transformers import GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    import datasets
 
     common.setup_torch(case["threads"], case["seed"])
     shape = common.get_shape(case["shape"])

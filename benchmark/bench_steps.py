@@ -33,13 +33,11 @@ STAGES = ("sft", "reward")
 
 
 @dataclass
-class Args:
+class Args(common.MeasureArgs):
     shapes: tuple[str, ...] = ("tiny", "pythia-14m", "pythia-70m")
     """model shapes: tiny (the embedded tiny-pythia-s), pythia-14m, pythia-70m, pythia-1b"""
     stages: tuple[Literal["sft", "reward"], ...] = STAGES
     """which training steps to time"""
-    device: Literal["cpu", "cuda"] = "cpu"
-    """where to run"""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 autocast around the step"""
     batch_size: int = 8
@@ -48,26 +46,8 @@ class Args:
     """tokens per sequence: the 512-token query + 53 response tokens (SPEC 2.3, Detail 4)"""
     max_right_padding_fraction: float = 0.1
     """each sequence ends with 0..this share of --sequence_length [PAD]s (responses shorter than 53 tokens)"""
-    warmup: int = 1
-    """untimed steps first"""
-    repeats: int = 5
-    """timed steps; the table shows their median"""
-    threads: int | None = None
-    """torch CPU threads (default: torch's own choice)"""
-    seed: int = 1
-    """seed of weights and tokens"""
-    output_dir: str = "benchmark/results"
-    """where `{name}.json` and `{name}.md` are written"""
     name: str | None = None
     """results file name (default: steps_{device}_{dtype})"""
-    ceiling_seconds: float = 2.0
-    """seconds spent measuring the matmul ceiling, at the start and again at the end of the run"""
-    case_timeout: float = 3600.0
-    """seconds one case's process may run"""
-    case_json: str | None = None
-    """internal: run one case in this process (the parent passes it)"""
-    case_output: str | None = None
-    """internal: where that case writes its JSON result"""
 
 
 def step_flops(case: dict[str, Any]) -> float:

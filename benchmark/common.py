@@ -16,11 +16,38 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 REPO = Path(__file__).resolve().parents[1]
 EOS_TOKEN_ID = 0
 """GPT-NeoX's `<|endoftext|>` (and the embedded tokenizer's): id 0"""
+
+
+@dataclass
+class MeasureArgs:
+    """The options both benchmarks share: where to run, how many timed repeats, the matmul ceiling, and the
+    plumbing of the one-process-per-case runs."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    """where to run"""
+    warmup: int = 1
+    """untimed repeats first (lazy initialisation, allocator warm-up)"""
+    repeats: int = 5
+    """timed repeats; the table shows their median"""
+    threads: int | None = None
+    """torch CPU threads (default: torch's own choice, one per core)"""
+    seed: int = 1
+    """seed of the weights, the tokens and the sampling"""
+    output_dir: str = "benchmark/results"
+    """where `{name}.json` and `{name}.md` are written"""
+    ceiling_seconds: float = 2.0
+    """seconds spent measuring the matmul ceiling, at the start and again at the end of the run"""
+    case_timeout: float = 3600.0
+    """seconds one case's process may run"""
+    case_json: str | None = None
+    """internal: run one case in this process (the parent passes it)"""
+    case_output: str | None = None
+    """internal: where that case writes its JSON result"""
 
 
 @dataclass(frozen=True)

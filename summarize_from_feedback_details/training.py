@@ -259,10 +259,10 @@ def response_texts(tokenizer: Any, responses: Any) -> tuple[list[str], list[int]
     for row in responses.tolist():
         # The first EOS ends the response; read it before dropping pads, which may be EOS too (Detail 3.2 ablated).
         ended = eos in row
-        kept = row[: row.index(eos)] if ended else [t for t in row if t != pad]
+        kept = [t for t in (row[: row.index(eos)] if ended else row) if t != pad]
         lengths.append(len(kept) + 1 if ended else len(kept))
         has_eos.append(ended)
-        texts.append(tokenizer.decode([t for t in kept if t != pad], skip_special_tokens=False))
+        texts.append(tokenizer.decode(kept, skip_special_tokens=False))
     return texts, lengths, has_eos
 
 
