@@ -122,10 +122,10 @@ class OursContext:
 def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
     """`ppo.main` up to its update loop, with random-weight models in place of the SFT / RM checkpoints
     (Detail 22: policy and reference alike, critic a copy of the reward model)."""
+    import datasets
     import numpy as np
     from transformers import GPTNeoXForCausalLM
 
-    import datasets
     from summarize_from_feedback_details import ppo
     from summarize_from_feedback_details.modeling import (
         ScalarModel,
@@ -292,11 +292,10 @@ def minimal_tokenizer(shape: common.Shape) -> Any:
 
 
 def run_trl(case: dict[str, Any]) -> dict[str, Any]:
+    import datasets
     import torch
     from transformers import GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-    import datasets
 
     common.setup_torch(case["threads"], case["seed"])
     shape = common.get_shape(case["shape"])

@@ -66,6 +66,8 @@ DETAILS: tuple[Detail, ...] = (
            "tests/test_modeling.py::test_dropout_is_disabled_on_load"),
     Detail("tech_stack", "8", "transformers + accelerate + DeepSpeed ZeRO-2 (ZeRO-3 offload for frozen 6.9B models)", "all",
            "--deepspeed", None, "tests/test_sft_reward.py::test_sft_deepspeed_zero2_on_cpu"),
+    Detail("frozen_models_engines", "8", "PPO's frozen reference and reward model as DeepSpeed inference engines (ZeRO-3, parameters offloaded to CPU at 6.9B); same results as whole copies", "ppo",
+           "--frozen_models_config", None, "tests/test_ppo_dpo.py::test_ppo_frozen_models_as_zero3_offload_engines"),
     Detail("seeding", "G-2", "Per-rank seed = seed + rank * 100003; one permutation sharded over ranks (authors' per-rank shuffle by flag)", "reward",
            "--per_rank_shuffle", ("--per_rank_shuffle",), "tests/test_modeling.py::test_sharding_sees_every_example_once_and_does_not_depend_on_world_size"),
     Detail("position_ids", "G-3", "Position ids not re-based for left padding (rotary: relative positions only)", "all",

@@ -6,6 +6,7 @@ PPO section (SPEC Details 20-25, P-1..P-6).
     torchrun --nproc_per_node 2 -m summarize_from_feedback_details.ppo embedded ...       # 2 processes on CPU
     accelerate launch --config_file configs/accelerate/deepspeed_zero2_bf16.yaml -m summarize_from_feedback_details.ppo pythia \\
         --sft_model_path <sft> --reward_model_path <rm> --dataset <processed tldr> --deepspeed
+        [--frozen_models_config configs/accelerate/deepspeed_zero3_offload.yaml]  # 6.9B: ZeRO-3 + CPU offload, frozen models
 
 Reads like the paper: policy and reference from SFT, critic and reward model from the RM (Detail 22) ->
 for each update: take the next SFT train queries (Detail 21), sample a fixed number of tokens (23.1),
@@ -54,6 +55,8 @@ from summarize_from_feedback_details.training import (
     check_model_path,
     check_vocabulary,
     evaluate_generations,
+    frozen_engine,
+    frozen_models_config,
     load_causal_lm,
     load_processed_split,
     make_optimizer_and_scheduler,
@@ -139,6 +142,10 @@ class Args(TrainArgs):
     """also evaluate the SFT policy before PPO (metrics prefixed `sft/`)"""
     gold_eval: bool = False
     """score responses with the embedded task's gold utility (win rate against references; embedded data only)"""
+    frozen_models_config: str | None = None
+    """Detail 8: an accelerate DeepSpeed yaml for the frozen reference policy and reward model, which then run as their
+    own DeepSpeed inference engines (configs/accelerate/deepspeed_zero3_offload.yaml: ZeRO-3, parameters offloaded to
+    CPU, the 6.9B setup); needs --deepspeed (default: a whole copy of each on every process)"""
 
 
 @dataclass(frozen=True)
@@ -353,6 +360,12 @@ def main(args: Args) -> dict[str, Any]:
         raise UserInputError(f"the validation split has fewer than --local_eval_batch_size x processes = {args.local_eval_batch_size * stage.world_size} queries")
     check_model_path(args.sft_model_path, "--sft_model_path")
     check_model_path(args.reward_model_path, "--reward_model_path")
+    frozen_config = None
+    if args.frozen_models_config is not None:  # Detail 8
+        if not args.deepspeed:
+            raise UserInputError("--frozen_models_config runs the frozen models as DeepSpeed engines next to the ZeRO-2 "
+                                 "trained models: add --deepspeed")
+        frozen_config = frozen_models_config(args.frozen_models_config, args.local_rollout_forward_batch_size)
     stage.print(f"PPO: {len(train)} prompts, {plan.num_updates} updates of {args.batch_size} rollouts, {plan.mini}, "
                 f"response length {response_length}")
     stage.open_run()
@@ -368,8 +381,11 @@ def main(args: Args) -> dict[str, Any]:
     accelerator = stage.accelerator(plan.mini)  # Detail 8
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays unprepared (stepped once per update)
     device = accelerator.device
-    ref_policy.to(device)
-    reward_model.to(device)
+    if frozen_config is not None:  # Detail 8: e.g. ZeRO-3 with the parameters streamed from CPU memory (6.9B)
+        ref_policy, reward_model = frozen_engine(ref_policy, frozen_config), frozen_engine(reward_model, frozen_config)
+    else:
+        ref_policy.to(device)
+        reward_model.to(device)
     unwrapped = accelerator.unwrap_model(model)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     # Detail P-1: the temperature the log-prob forwards divide by (None: the ablation that forgets it).
@@ -456,7 +472,7 @@ def collect_rollouts(
             with record_function("rollout/scores"):
                 # Detail 23.2: tokens after the first EOS become [PAD] before the RM sees them; Detail 12: read at EOS.
                 postprocessed = truncate_after_eos(response, eos, pad)
-                score = sequence_scores(reward_model, torch.cat([query, postprocessed], 1), pad, context_length)
+                score = sequence_scores(reward_model, torch.cat([query, postprocessed], 1), pad, context_length).float()
                 if args.eos_trick:  # Detail 23.3: -1 without an EOS
                     score = penalize_missing_eos(score, postprocessed, eos, args.penalty_reward_value)
             for key, tensor in zip(chunks, (response, postprocessed, logprob, ref_logprob, value, score), strict=True):

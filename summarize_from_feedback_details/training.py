@@ -44,6 +44,61 @@ def zero2_plugin(gradient_accumulation_steps: int) -> Any:
     )
 
 
+FROZEN_PARAM_PERSISTENCE_THRESHOLD = 10_000
+"""ZeRO-3 frozen engines: parameters with fewer elements stay whole on every process (biases, layer norms) instead
+of being gathered on each forward; the authors' value for their 6.9B reference policy and reward model"""
+
+
+def frozen_models_config(path: str, micro_batch_size: int) -> dict[str, Any]:
+    """Detail 8: the DeepSpeed config of the frozen models' inference engines (PPO's reference policy and reward
+    model) from an accelerate yaml such as configs/accelerate/deepspeed_zero3_offload.yaml. ZeRO-3 partitions
+    their parameters over the processes (offloaded to `offload_param_device`, e.g. CPU, and streamed in for each
+    forward); any other stage keeps a whole copy on every process (ZeRO-1/2 only shard optimizer state, which
+    frozen models do not have). bf16 as the yaml says, on GPUs only: on CPU the trained models run fp32 too."""
+    import torch
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    if not Path(path).is_file():
+        raise UserInputError(f"--frozen_models_config {path!r} does not exist; pass an accelerate DeepSpeed yaml such as "
+                             "configs/accelerate/deepspeed_zero3_offload.yaml")
+    try:
+        config = load_config_from_file(path)
+    except Exception as error:  # noqa: BLE001 - any parse failure is one line naming the file
+        raise UserInputError(f"--frozen_models_config {path!r} is not an accelerate config file: {error}") from error
+    deepspeed = getattr(config, "deepspeed_config", None) or {}
+    if str(getattr(config, "distributed_type", "")).upper().split(".")[-1] != "DEEPSPEED" or "zero_stage" not in deepspeed:
+        raise UserInputError(f"--frozen_models_config {path!r} is not a DeepSpeed config (it needs distributed_type: DEEPSPEED "
+                             "and deepspeed_config.zero_stage); see configs/accelerate/deepspeed_zero3_offload.yaml")
+    offload = deepspeed.get("offload_param_device") or "none"
+    if offload not in ("none", "cpu"):
+        raise UserInputError(f"--frozen_models_config {path!r}: offload_param_device {offload!r} is not supported for the "
+                             "frozen models; use cpu or none")
+    zero: dict[str, Any] = {"stage": 0}
+    if int(deepspeed["zero_stage"]) == 3:
+        zero = {"stage": 3, "stage3_param_persistence_threshold": FROZEN_PARAM_PERSISTENCE_THRESHOLD}
+        if offload == "cpu":
+            zero["offload_param"] = {"device": "cpu"}
+    bf16 = getattr(config, "mixed_precision", "no") == "bf16" and torch.cuda.is_available()
+    return {"train_micro_batch_size_per_gpu": micro_batch_size, "zero_optimization": zero, "bf16": {"enabled": bf16},
+            "prescale_gradients": False, "wall_clock_breakdown": False}
+
+
+def frozen_engine(model: Any, config: dict[str, Any]) -> Any:
+    """A frozen model as its own DeepSpeed inference engine (no optimizer); call it like the model."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # DeepSpeedEngine.eval returns None, unlike nn.Module.eval
+    return engine
+
+
+def forwards_in_lockstep(model: Any) -> bool:
+    """Whether `model` is a ZeRO-3 engine: each forward gathers its parameters from every process, so every
+    process must run the same number of forwards (or the others wait forever)."""
+    partitioned = getattr(model, "zero_optimization_partition_weights", None)
+    return bool(partitioned and partitioned())
+
+
 @dataclasses.dataclass
 class Stage:
     """One run of a stage on this process: rank, run directory, logger and the accelerator."""
@@ -329,6 +384,14 @@ def evaluate_generations(
                 if gold:
                     row.update(gold_utility(query, row["response"], row["reference"]))
                 rows.append(row)
+        if reward_model is not None and forwards_in_lockstep(reward_model):
+            # A ZeRO-3 reward model (Detail 8) gathers its weights from every process in each forward: a process
+            # with fewer batches in its shard scores a placeholder as often as the others still score batches.
+            batches = [-(-len(shard_range(n, r, stage.world_size)) // args.local_eval_batch_size) for r in range(stage.world_size)]
+            placeholder = torch.full((1, 2), eos, device=accelerator.device)
+            with torch.no_grad():
+                for _ in range(2 * (max(batches) - batches[stage.rank])):  # responses and references
+                    sequence_scores(reward_model, placeholder, pad)
         gathered = gather_object(rows)
         losses = gather_object([(loss_sum, loss_count)])
         if stage.is_main:

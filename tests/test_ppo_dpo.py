@@ -77,6 +77,30 @@ def test_ppo_two_processes(sft_run, reward_run, embedded_dataset, runs_dir):
     assert len(pd.read_csv(runs_dir / "ppo_2proc" / "query_responses_validation.csv")) == 8
 
 
+def test_ppo_frozen_models_as_zero3_offload_engines(sft_run, reward_run, embedded_dataset, runs_dir):
+    """Detail 8 (the 6.9B setup) for real on 2 CPU processes: with --frozen_models_config pointing at the ZeRO-3 +
+    CPU-offload yaml, the reference policy and the reward model run as DeepSpeed engines whose parameters are split
+    over the processes, and the run computes exactly what the run with whole copies computes. 5 evaluation queries
+    in batches of 2 give the processes 2 and 1 batches: the second scores placeholders in step with the first
+    (without that, gloo aborts on a collective mismatch)."""
+    common = [*_common(sft_run, reward_run, embedded_dataset, runs_dir), "--deepspeed", "--total_episodes", "32",
+              "--batch_size", "16", "--local_rollout_forward_batch_size", "8", "--local_micro_batch_size", "8",
+              "--max_eval_samples", "5", "--local_eval_batch_size", "2", "--eval_splits", "validation", "--logging_steps", "1"]
+    torchrun("ppo", *common, "--run_name", "ppo_frozen_whole")
+    torchrun("ppo", *common, "--run_name", "ppo_frozen_zero3", "--frozen_models_config", "configs/accelerate/deepspeed_zero3_offload.yaml")
+    whole, zero3 = read_metrics(runs_dir / "ppo_frozen_whole"), read_metrics(runs_dir / "ppo_frozen_zero3")
+    assert whole["world_size"] == zero3["world_size"] == 2 and zero3["num_updates"] == 2
+    compared = [k for k, v in whole.items() if isinstance(v, float) and not k.endswith(("seconds", "seconds_per_update", "/eps"))]
+    assert {"first/objective/scores", "last/objective/kl", "last/objective/validation_score", "eval/validation/score"} <= set(compared)
+    for key in compared:
+        assert zero3[key] == pytest.approx(whole[key], abs=1e-5), key
+    tables = [pd.read_csv(runs_dir / run / "query_responses_validation.csv") for run in ("ppo_frozen_whole", "ppo_frozen_zero3")]
+    assert len(tables[1]) == 5 and (tables[0]["response"] == tables[1]["response"]).all()
+    assert (tables[0]["score"] - tables[1]["score"]).abs().max() < 1e-5
+    args = json.loads((runs_dir / "ppo_frozen_zero3" / "args.json").read_text())
+    assert args["frozen_models_config"] == "configs/accelerate/deepspeed_zero3_offload.yaml" and args["deepspeed"]
+
+
 def test_ppo_variants_run(sft_run, reward_run, embedded_dataset, runs_dir):
     """Every variant flag of the paper in one short run: critic from SFT, reward whitening, no advantage
     whitening, score on the EOS, adaptive KL, no EOS trick, no temperature scaling, another response length."""
@@ -136,6 +160,10 @@ def test_ppo_and_dpo_bad_input_is_one_clear_error(sft_run, reward_run, embedded_
         ppo.main(dataclasses.replace(base, local_micro_batch_size=24))
     with pytest.raises(UserInputError, match=r"does not exist: --dataset"):
         ppo.main(dataclasses.replace(base, dataset=str(tmp_path / "nothing")))
+    with pytest.raises(UserInputError, match=r"--frozen_models_config runs the frozen models as DeepSpeed engines .*add --deepspeed"):
+        ppo.main(dataclasses.replace(base, frozen_models_config="configs/accelerate/deepspeed_zero3_offload.yaml"))
+    with pytest.raises(UserInputError, match=r"--frozen_models_config '.*none.yaml' does not exist"):
+        ppo.main(dataclasses.replace(base, deepspeed=True, frozen_models_config=str(tmp_path / "none.yaml")))
     dpo_base = dataclasses.replace(dpo.embedded_args(), sft_model_path=str(sft_run / "model"), dataset=str(embedded_dataset),
                                    output_dir=str(tmp_path / "runs"))
     with pytest.raises(UserInputError, match=r"--sft_model_path '.*missing' is not a saved model"):

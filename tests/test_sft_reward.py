@@ -53,9 +53,9 @@ def test_sft_learns_the_task(sft_run):
 
 def test_reward_model_accuracy_breakdown_and_normalisation(reward_run, embedded_dataset):
     """Details 12-16 on the embedded task; the bias survives reload and references average 0."""
+    import datasets
     import pandas as pd
 
-    import datasets
     from summarize_from_feedback_details.modeling import ScalarModel, sequence_scores
 
     m = read_metrics(reward_run)

@@ -6,7 +6,6 @@ accelerate."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -221,7 +221,6 @@ def test_pythia_sweep_commands_are_accepted_by_the_stage_clis(monkeypatch):
         size = re.search(r"pythia/([^/]+)/seed", " ".join(stage_argv)).group(1)
         assert launch.config_file == "configs/accelerate/deepspeed_zero2_bf16.yaml" and launch.num_processes is None
         assert load_config_from_file(str(REPO / launch.config_file)).num_processes == 8
-        stage_argv, frozen = _without_unreleased_ppo_flag(stage_argv)
         args = parse_stage(name, stage_argv, monkeypatch)
         assert args.deepspeed and args.mixed_precision == "bf16" and args.lr == 3e-6 and args.seed == 44413
         assert args.output_dir == f"sweeps/pythia/{size}/seed44413" and args.run_name == name
@@ -235,7 +234,7 @@ def test_pythia_sweep_commands_are_accepted_by_the_stage_clis(monkeypatch):
             plan = plan_ppo(args, world_size=8)
             got = (args.local_rollout_forward_batch_size, plan.mini.gradient_accumulation_steps, args.local_micro_batch_size)
             assert got == PPO_PER_SIZE[size] and plan.num_updates == PAPER_PPO_UPDATES and args.batch_size == 512
-            assert frozen == (["--frozen_models_config", "configs/accelerate/deepspeed_zero3_offload.yaml"] if size == "6.9b" else [])
+            assert args.frozen_models_config == ("configs/accelerate/deepspeed_zero3_offload.yaml" if size == "6.9b" else None)
         seen.add((size, name))
     assert seen == {(size, stage) for size in PPO_PER_SIZE for stage in STAGES}
 
@@ -250,7 +249,7 @@ def test_reduced_and_resized_commands_are_accepted(monkeypatch):
         launch, module, stage_argv = split_launch(argv)
         name = module.rsplit(".", 1)[1]
         assert launch.num_processes == 4
-        args = parse_stage(name, _without_unreleased_ppo_flag(stage_argv)[0], monkeypatch)
+        args = parse_stage(name, stage_argv, monkeypatch)
         assert args.max_eval_samples == 64
         if name == "ppo":
             plan = plan_ppo(args, world_size=4)
@@ -288,26 +287,38 @@ def test_judge_and_figures_commands_are_accepted(monkeypatch):
     assert (figures.sweep_dir, figures.out_dir) == ("sw", "sw/figures")
 
 
-def test_frozen_models_flag_of_the_6_9b_ppo(monkeypatch):
+def test_frozen_models_config_of_the_6_9b_ppo(monkeypatch):
     """SPEC Detail 8: the 6.9B PPO runs its frozen reference and reward model as ZeRO-3 engines with CPU
-    offload, configured by configs/accelerate/deepspeed_zero3_offload.yaml."""
-    from summarize_from_feedback_details import ppo
+    offload, configured by configs/accelerate/deepspeed_zero3_offload.yaml; the ZeRO-2 yaml gives whole copies."""
+    from summarize_from_feedback_details.training import (
+        FROZEN_PARAM_PERSISTENCE_THRESHOLD,
+        frozen_models_config,
+    )
 
-    if "frozen_models_config" not in {f.name for f in dataclasses.fields(ppo.Args)}:
-        pytest.skip("ppo.py has no --frozen_models_config yet (the ZeRO-3 + offload engines of the frozen models at "
-                    "6.9B); the sweep passes it to the 6.9B PPO, which refuses it until the flag lands")
     args = parse_stage("ppo", ["pythia", "--frozen_models_config", "configs/accelerate/deepspeed_zero3_offload.yaml"], monkeypatch)
-    assert args.frozen_models_config == "configs/accelerate/deepspeed_zero3_offload.yaml"
+    config = frozen_models_config(str(REPO / args.frozen_models_config), micro_batch_size=4)
+    assert config["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": FROZEN_PARAM_PERSISTENCE_THRESHOLD,
+                                           "offload_param": {"device": "cpu"}}
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["bf16"]["enabled"] == torch.cuda.is_available()  # the yaml says bf16; CPU runs stay fp32
+    whole = frozen_models_config(str(REPO / "configs/accelerate/deepspeed_zero2_bf16.yaml"), micro_batch_size=4)
+    assert whole["zero_optimization"] == {"stage": 0}
 
 
-def _without_unreleased_ppo_flag(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(argv without --frozen_models_config and its value when ppo.py does not have it yet, the removed part)."""
-    from summarize_from_feedback_details import ppo
+def test_frozen_models_config_bad_input(tmp_path):
+    from summarize_from_feedback_details.core import UserInputError
+    from summarize_from_feedback_details.training import frozen_models_config
 
-    if "--frozen_models_config" not in argv or "frozen_models_config" in {f.name for f in dataclasses.fields(ppo.Args)}:
-        return argv, (argv[argv.index("--frozen_models_config"):][:2] if "--frozen_models_config" in argv else [])
-    i = argv.index("--frozen_models_config")
-    return argv[:i] + argv[i + 2 :], argv[i : i + 2]
+    with pytest.raises(UserInputError, match=r"--frozen_models_config '.*nothing.yaml' does not exist"):
+        frozen_models_config(str(tmp_path / "nothing.yaml"), 1)
+    multi_gpu = tmp_path / "multi_gpu.yaml"
+    multi_gpu.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 8\n")
+    with pytest.raises(UserInputError, match=r"is not a DeepSpeed config"):
+        frozen_models_config(str(multi_gpu), 1)
+    nvme = tmp_path / "nvme.yaml"
+    nvme.write_text((CONFIGS / "deepspeed_zero3_offload.yaml").read_text().replace("offload_param_device: cpu", "offload_param_device: nvme"))
+    with pytest.raises(UserInputError, match=r"offload_param_device 'nvme' is not supported"):
+        frozen_models_config(str(nvme), 1)
 
 
 # ----------------------------------------------------------------------------------------------
