@@ -116,7 +116,6 @@ class OursContext:
     eos: int
     loss_temperature: float | None
     device: Any
-    sampler: str
 
 
 def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
@@ -142,6 +141,7 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
         local_rollout_forward_batch_size=batch, num_ppo_epochs=case["num_ppo_epochs"], response_length=case["response_length"],
         temperature=case["temperature"], total_episodes=batch * case["num_updates"], eval_every=0,
         mixed_precision="bf16" if case["dtype"] == "bf16" else "no",
+        sampler="inverse_cdf" if case["implementation"] == PROPOSED else "multinomial",
     )
     stage = Stage.start(args)
     plan = ppo.plan_ppo(args, stage.world_size)
@@ -153,7 +153,6 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
     reward_model.requires_grad_(False)
     model = ppo.PolicyAndValue(policy, critic)
     optimizer, scheduler = make_optimizer_and_scheduler(model, args.lr, args.eps, args.scheduler, args.warm_up_steps, plan.num_updates)
-    proposed = case["implementation"] == PROPOSED
     accelerator = stage.accelerator(plan.mini)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
@@ -168,7 +167,6 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
         prompts=ppo.prompt_batches(len(train), args.batch_size, stage.rank, stage.world_size, args.seed),
         shuffle=np.random.default_rng(args.seed + stage.rank * 100003), pad=shape.pad_token_id, eos=common.EOS_TOKEN_ID,
         loss_temperature=args.temperature if args.scale_logits_by_temperature else None, device=device,
-        sampler="inverse_cdf" if proposed else "multinomial",
     )
 
 
@@ -186,7 +184,7 @@ def ours_update(ctx: OursContext) -> dict[str, float]:
     start, cpu_start = time.perf_counter(), time.process_time()
     queries = batch_tensor(ctx.train.select(next(ctx.prompts)), "query_token", ctx.device)
     batch = ppo.collect_rollouts(ctx.unwrapped, ctx.ref_policy, ctx.reward_model, queries, args, ctx.kl_controller.value,
-                                 ctx.pad, ctx.eos, args.response_length, ctx.loss_temperature, sampler=ctx.sampler)
+                                 ctx.pad, ctx.eos, args.response_length, ctx.loss_temperature)
     common.synchronize(ctx.device.type)
     rollout_end, rollout_cpu_end = time.perf_counter(), time.process_time()
     stats, ratios = ppo.train_on_rollouts(ctx.model, accelerator, ctx.optimizer, batch, args, ctx.plan, ctx.shuffle,

@@ -96,6 +96,9 @@ class Args(TrainArgs):
     """Detail 20 / 23.1: tokens sampled per query (None: the SFT data's reference length)"""
     temperature: float = 0.7
     """Detail 20: sampling temperature of the rollouts"""
+    sampler: Literal["multinomial", "inverse_cdf"] = "multinomial"
+    """how a token is drawn from softmax(logits / T): torch.multinomial, or inverse_cdf (one uniform per row against the
+    cumulative distribution: the same distribution, faster on CPU, but the same seed gives other samples)"""
     scale_logits_by_temperature: bool = True
     """P-1: divide the logits of the reference and training forward passes by the temperature (off: the bug)"""
     kl_coef: float = 0.05
@@ -417,7 +420,7 @@ def main(args: Args) -> dict[str, Any]:
             local = update_statistics(batch, stats, ratios, eos)  # Detail P-5
             if args.eval_every and (update % args.eval_every == 0 or update == plan.num_updates):  # Detail P-6
                 unwrapped.policy.eval()
-                eval_responses = truncate_after_eos(sample(unwrapped.policy, eval_queries, pad, response_length, args.eval_temperature)[0], eos, pad)
+                eval_responses = truncate_after_eos(sample(unwrapped.policy, eval_queries, pad, response_length, args.eval_temperature, sampler=args.sampler)[0], eos, pad)
                 local["objective/validation_score"] = sequence_scores(
                     reward_model, torch.cat([eval_queries, eval_responses], 1), pad, eval_queries.size(1)).mean()
             names = list(local)
@@ -451,7 +454,7 @@ def main(args: Args) -> dict[str, Any]:
 
 def collect_rollouts(
     unwrapped: PolicyAndValue, ref_policy: Any, reward_model: Any, queries: Any, args: Args, kl_coef: float, pad: int, eos: int,
-    response_length: int, loss_temperature: float | None, sampler: str = "multinomial",
+    response_length: int, loss_temperature: float | None,
 ) -> dict[str, Any]:
     """One batch of rollouts without gradients: sampled responses, the old log-probs, reference log-probs, values,
     RM scores, the per-token rewards, advantages and returns (Details 23-25, P-1..P-3), with the masks."""
@@ -462,7 +465,7 @@ def collect_rollouts(
         for i in range(0, queries.size(0), args.local_rollout_forward_batch_size):
             query = queries[i : i + args.local_rollout_forward_batch_size]
             with record_function("rollout/sample"):  # Detail 23.1: a fixed number of tokens; P-1: temperature-scaled log-probs
-                response, logprob = sample(unwrapped.policy, query, pad, response_length, args.temperature, sampler=sampler)
+                response, logprob = sample(unwrapped.policy, query, pad, response_length, args.temperature, sampler=args.sampler)
             query_response = torch.cat([query, response], 1)
             with record_function("rollout/ref_logprobs"):
                 ref_logits = response_logits(ref_policy, query_response, pad, context_length, loss_temperature)  # Detail P-1

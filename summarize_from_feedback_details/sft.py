@@ -23,6 +23,7 @@ from summarize_from_feedback_details.core import (
     push_run_to_hub,
     training_schedule,
 )
+from summarize_from_feedback_details.modeling import gather_logprobs
 from summarize_from_feedback_details.training import (
     Stage,
     batch_tensor,
@@ -64,12 +65,13 @@ class Args(TrainArgs):
 
 
 def sft_loss(logits: Any, labels: Any, pad_token_id: int) -> Any:
-    """Detail 9: next-token cross-entropy over every non-pad label position (mean over tokens)."""
-    import torch.nn.functional as F
-
-    shifted = labels[:, 1:]
-    mask = shifted != pad_token_id
-    return F.cross_entropy(logits[:, :-1][mask], shifted[mask])
+    """Detail 9: next-token cross-entropy over every non-pad label position (mean over tokens). Computed as the mean
+    of -log p(label) by `gather_logprobs`: neither a boolean-mask copy of the vocabulary logits nor a log-softmax
+    tensor (~0.9 GB each at Pythia's vocabulary, batch 8 x 565); a test proves it equal to `F.cross_entropy`."""
+    targets = labels[:, 1:]
+    mask = targets != pad_token_id
+    logprobs = gather_logprobs(logits[:, :-1], targets.masked_fill(~mask, 0))
+    return -(logprobs * mask).sum() / mask.sum()
 
 
 def main(args: Args) -> dict[str, Any]:

@@ -119,3 +119,30 @@ def test_inverse_cdf_sampling_keeps_the_rollout_logprobs_of_the_training_forward
     default, _ = sample(policy, queries, 99, 6, 0.7, torch.Generator().manual_seed(0))
     explicit, _ = sample(policy, queries, 99, 6, 0.7, torch.Generator().manual_seed(0), sampler="multinomial")
     assert torch.equal(default, explicit)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 18, 300])  # one block, and the chunked path
+def test_sft_loss_equals_cross_entropy_over_the_masked_positions(monkeypatch, chunk_elements):
+    """Detail 9's loss through `gather_logprobs` (no masked copy of the logits, no log-softmax tensor) equals
+    F.cross_entropy over the non-pad label positions, in value and in gradient; a hand-made case too."""
+    import torch.nn.functional as F
+
+    from summarize_from_feedback_details.sft import sft_loss
+
+    monkeypatch.setattr(modeling, "CPU_CHUNK_ELEMENTS", chunk_elements)
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(3, 12, 500, generator=generator) * 2
+    labels = torch.randint(0, 499, (3, 12), generator=generator)
+    labels[0, 8:] = 499  # right padding (pad id 499), and a row whose query part is masked too
+    labels[2, :5] = 499
+    ours_input, plain_input = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    ours = sft_loss(ours_input, labels, 499)
+    mask = labels[:, 1:] != 499
+    plain = F.cross_entropy(plain_input[:, :-1][mask], labels[:, 1:][mask])
+    torch.testing.assert_close(ours, plain, rtol=0, atol=2e-6)
+    ours.backward()
+    plain.backward()
+    torch.testing.assert_close(ours_input.grad, plain_input.grad, rtol=0, atol=1e-7)
+    # By hand: logits (0, ln 3) for the one labelled position -> -log(3/4) when the label is 1.
+    logits = torch.tensor([[[0.0, torch.log(torch.tensor(3.0)).item()], [5.0, 5.0]]])
+    assert sft_loss(logits, torch.tensor([[9, 1]]), 9).item() == pytest.approx(-torch.log(torch.tensor(0.75)).item(), abs=1e-6)

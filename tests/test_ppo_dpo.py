@@ -103,17 +103,19 @@ def test_ppo_frozen_models_as_zero3_offload_engines(sft_run, reward_run, embedde
 
 def test_ppo_variants_run(sft_run, reward_run, embedded_dataset, runs_dir):
     """Every variant flag of the paper in one short run: critic from SFT, reward whitening, no advantage
-    whitening, score on the EOS, adaptive KL, no EOS trick, no temperature scaling, another response length."""
+    whitening, score on the EOS, adaptive KL, no EOS trick, no temperature scaling, another response length;
+    and the inverse-CDF sampler."""
     from summarize_from_feedback_details.details import DETAILS
 
     flags = [arg for d in DETAILS if d.stage == "ppo" and d.ablation for arg in d.ablation]
-    run_module("ppo", *_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "ppo_variants", *flags,
+    run_module("ppo", *_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "ppo_variants", *flags, "--sampler", "inverse_cdf",
                "--total_episodes", "32", "--batch_size", "32", "--local_rollout_forward_batch_size", "32",
                "--local_micro_batch_size", "16", "--max_eval_samples", "8", "--no-eval_before_training")
     args = json.loads((runs_dir / "ppo_variants" / "args.json").read_text())
     assert (args["critic_init"], args["whiten_rewards"], args["whiten_advantages"], args["score_at"], args["adaptive_kl"],
             args["eos_trick"], args["scale_logits_by_temperature"], args["response_length"], args["kl_coef"]) == (
         "sft", True, False, "eos", True, False, False, 48, 0.1)
+    assert args["sampler"] == "inverse_cdf"  # the faster sampler (tests/test_benchmark_equivalence.py: same distribution)
     m = read_metrics(runs_dir / "ppo_variants")
     assert m["response_length"] == 48 and m["last/objective/kl_coef"] != 0.1  # the adaptive controller moved beta
 
