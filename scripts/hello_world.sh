@@ -2,7 +2,8 @@
 # The whole pipeline on the embedded default: offline, CPU only, the same code path as a Pythia run.
 # Stages join this script as they land: data -> SFT -> RM -> PPO -> DPO -> judge -> figures.
 # Outputs: assets/embedded/ (task, tokenizer, tiny models), datasets/embedded/ (processed data + figures),
-#          runs/{sft,reward,ppo,dpo}_embedded/ (models, query_responses tables, metrics.json, TensorBoard logs).
+#          runs/{sft,reward,ppo,dpo}_embedded/ (models, query_responses tables, metrics.json, TensorBoard logs),
+#          runs/hello_world/ (the runs as one sweep cell, the gold judge's verdicts, figures/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_DATASETS_DISABLE_PROGRESS_BARS="${HF_DATASETS_DISABLE_PROGRESS_BARS:-1}" TOKENIZERS_PARALLELISM=false
@@ -40,13 +41,19 @@ stage "DPO: dpo.py (baseline, Detail 19) from SFT -> runs/dpo_embedded"
 python -m summarize_from_feedback_details.dpo embedded --sft_model_path runs/sft_embedded/model \
     --reward_model_path runs/reward_embedded/model --run_name dpo_embedded --max_eval_samples 200 --logging_steps 50
 
-stage "judge: gold utility (offline judge.py) -> runs/*/query_responses_validation*_judged_gold.*"
-python -m summarize_from_feedback_details.judge --table runs/ppo_embedded/query_responses_validation.parquet --judge gold \
-    --output_name ppo_vs_reference_judged_gold
-python -m summarize_from_feedback_details.judge --table runs/ppo_embedded/query_responses_validation.parquet --judge gold \
-    --baseline_table runs/ppo_embedded/sft_query_responses_validation.parquet --output_name ppo_vs_sft_judged_gold
-python -m summarize_from_feedback_details.judge --table runs/dpo_embedded/query_responses_validation.parquet --judge gold \
-    --output_name dpo_vs_reference_judged_gold
+stage "judge: gold utility (offline judge.py) -> runs/hello_world/tiny-pythia-s/seed1/judge"
+# One cell of the sweep layout that paper_figures reads ({size}/seed{seed}/{stage}), the stage runs linked in.
+cell=runs/hello_world/tiny-pythia-s/seed1
+mkdir -p "$cell/judge"
+for run in sft reward ppo dpo; do ln -sfn "../../../${run}_embedded" "$cell/$run"; done
+gold_judge() { python -m summarize_from_feedback_details.judge --judge gold --output_dir "$cell/judge" "$@"; }
+gold_judge --table "$cell/ppo/query_responses_validation.parquet" --output_name ppo_vs_reference_judged_gold
+gold_judge --table "$cell/ppo/query_responses_validation.parquet" \
+    --baseline_table "$cell/ppo/sft_query_responses_validation.parquet" --output_name ppo_vs_sft_judged_gold
+gold_judge --table "$cell/dpo/query_responses_validation.parquet" --output_name dpo_vs_reference_judged_gold
+
+stage "figures: paper_figures.py (win rates, ROUGE, RM accuracy and calibration, PPO curves, data) -> runs/hello_world/figures"
+python -m summarize_from_feedback_details.paper_figures --sweep_dir runs/hello_world --out_dir runs/hello_world/figures
 
 stage "done"
 python - <<'PY'
@@ -70,15 +77,14 @@ for label, m, prefix in (("SFT", ppo, "sft"), ("PPO", ppo, "eval"), ("DPO (up to
     v = lambda k: m[f"{prefix}/validation/{k}"]
     print(f"{label:24}{v('score'):>10.3f}{v('gold_win_rate'):>10.3f}{v('gold_utility'):>10.2f}{v('response_token_len'):>8.1f}{v('eos_rate'):>6.2f}")
 print(f"PPO: {ppo['num_updates']} updates, {ppo['train/seconds_per_update']} s/update, final KL {ppo['last/objective/kl']:.2f} nats")
-for name, path in (("PPO vs references", "runs/ppo_embedded/ppo_vs_reference_judged_gold"),
-                   ("PPO vs SFT", "runs/ppo_embedded/ppo_vs_sft_judged_gold"),
-                   ("DPO vs references", "runs/dpo_embedded/dpo_vs_reference_judged_gold")):
-    j = json.load(open(path + ".summary.json"))
+for name, stem in (("PPO vs references", "ppo_vs_reference"), ("PPO vs SFT", "ppo_vs_sft"), ("DPO vs references", "dpo_vs_reference")):
+    j = json.load(open(f"runs/hello_world/tiny-pythia-s/seed1/judge/{stem}_judged_gold.summary.json"))
     print(f"gold judge, {name:18} win rate {j['win_rate']:.3f} [{j['ci_low']:.3f}, {j['ci_high']:.3f}] (95% Wilson), "
           f"{j['wins']} wins / {j['ties']} ties / {j['losses']} losses")
 print(f"seconds: data {data['seconds']}, SFT train {sft['train/seconds']}, RM train {rm['train/seconds']}, "
       f"PPO train {ppo['train/seconds']}, DPO train {dpo['train/seconds']}")
-print("figures: datasets/embedded/figures/*.png; TensorBoard: tensorboard --logdir runs")
+print("figures: runs/hello_world/figures/*.png (paper figures), datasets/embedded/figures/*.png (data); "
+      "TensorBoard: tensorboard --logdir runs")
 PY
 echo "seconds per stage:"
 cat "$timings"
