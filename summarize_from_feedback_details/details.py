@@ -44,7 +44,10 @@ DETAILS: tuple[Detail, ...] = (
     Detail("query_format", "2.1", "Query format `SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:` without trailing space", "data",
            None, None, "tests/test_real_data.py::test_real_queries_reproduced_with_pythia_tokenizer"),
     Detail("paragraph_truncation", "2.2", "Truncate the post at its last paragraph break until the query fits; error if it cannot", "data",
-           "--truncation", ("--truncation", "hard"), "tests/test_real_data.py::test_real_long_posts_cut_at_last_fitting_paragraph"),
+           # Hard truncation fills the query to its length more often, so query + response can exceed the configured
+           # shape (embedded v4: 208 > 206): like the completion ablations, it cuts such rows instead of failing Detail 4.
+           "--truncation", ("--truncation", "hard", "--no-check_length_correctness"),
+           "tests/test_real_data.py::test_real_long_posts_cut_at_last_fitting_paragraph"),
     Detail("left_padding", "2.3", "Queries left-padded to the query length with the pad token", "data",
            None, None, "tests/test_query_processing.py::test_query_is_left_padded_to_length"),
     Detail("leading_space", "3.1", "Completions start with exactly one space", "data",
