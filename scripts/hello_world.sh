@@ -56,8 +56,9 @@ stage "figures: paper_figures.py (win rates, ROUGE, RM accuracy and calibration,
 python -m summarize_from_feedback_details.paper_figures --sweep_dir runs/hello_world --out_dir runs/hello_world/figures
 
 stage "done"
-python - <<'PY'
+HELLO_WORLD_CELL="$cell" python - <<'PY'
 import json
+import os
 manifest = json.load(open("assets/embedded/manifest.json"))
 data = json.load(open("datasets/embedded/summary.json"))
 sft = json.load(open("runs/sft_embedded/metrics.json"))
@@ -78,7 +79,7 @@ for label, m, prefix in (("SFT", ppo, "sft"), ("PPO", ppo, "eval"), ("DPO (up to
     print(f"{label:24}{v('score'):>10.3f}{v('gold_win_rate'):>10.3f}{v('gold_utility'):>10.2f}{v('response_token_len'):>8.1f}{v('eos_rate'):>6.2f}")
 print(f"PPO: {ppo['num_updates']} updates, {ppo['train/seconds_per_update']} s/update, final KL {ppo['last/objective/kl']:.2f} nats")
 for name, stem in (("PPO vs references", "ppo_vs_reference"), ("PPO vs SFT", "ppo_vs_sft"), ("DPO vs references", "dpo_vs_reference")):
-    j = json.load(open(f"runs/hello_world/tiny-pythia-s/seed1/judge/{stem}_judged_gold.summary.json"))
+    j = json.load(open(f"{os.environ['HELLO_WORLD_CELL']}/judge/{stem}_judged_gold.summary.json"))
     print(f"gold judge, {name:18} win rate {j['win_rate']:.3f} [{j['ci_low']:.3f}, {j['ci_high']:.3f}] (95% Wilson), "
           f"{j['wins']} wins / {j['ties']} ties / {j['losses']} losses")
 print(f"seconds: data {data['seconds']}, SFT train {sft['train/seconds']}, RM train {rm['train/seconds']}, "

@@ -66,7 +66,7 @@ def frozen_models_config(path: str, micro_batch_size: int) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - any parse failure is one line naming the file
         raise UserInputError(f"--frozen_models_config {path!r} is not an accelerate config file: {error}") from error
     deepspeed = getattr(config, "deepspeed_config", None) or {}
-    if str(getattr(config, "distributed_type", "")).upper().split(".")[-1] != "DEEPSPEED" or "zero_stage" not in deepspeed:
+    if getattr(config, "distributed_type", None) != "DEEPSPEED" or "zero_stage" not in deepspeed:  # a str enum
         raise UserInputError(f"--frozen_models_config {path!r} is not a DeepSpeed config (it needs distributed_type: DEEPSPEED "
                              "and deepspeed_config.zero_stage); see configs/accelerate/deepspeed_zero3_offload.yaml")
     offload = deepspeed.get("offload_param_device") or "none"

@@ -315,6 +315,10 @@ def test_frozen_models_config_bad_input(tmp_path):
     multi_gpu.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 8\n")
     with pytest.raises(UserInputError, match=r"is not a DeepSpeed config"):
         frozen_models_config(str(multi_gpu), 1)
+    leftover = tmp_path / "leftover_deepspeed_section.yaml"  # a zero_stage, but not launched with DeepSpeed
+    leftover.write_text((CONFIGS / "deepspeed_zero3_offload.yaml").read_text().replace("distributed_type: DEEPSPEED", "distributed_type: MULTI_GPU"))
+    with pytest.raises(UserInputError, match=r"is not a DeepSpeed config"):
+        frozen_models_config(str(leftover), 1)
     nvme = tmp_path / "nvme.yaml"
     nvme.write_text((CONFIGS / "deepspeed_zero3_offload.yaml").read_text().replace("offload_param_device: cpu", "offload_param_device: nvme"))
     with pytest.raises(UserInputError, match=r"offload_param_device 'nvme' is not supported"):
