@@ -45,7 +45,7 @@ class Args(common.MeasureArgs):
     """model shapes to time: tiny (the embedded tiny-pythia-s), pythia-14m, pythia-70m, pythia-1b"""
     implementations: tuple[Literal["ours", "trl", "ours_proposed"], ...] = IMPLEMENTATIONS
     """which PPO updates to time (trl needs `pip install trl==1.12.0`, the benchmark-only extra); ours_proposed:
-    ours with the change proposed for ppo.py (inverse-CDF sampling; fused AdamW landed in training.py)"""
+    ours with ppo.py's CPU speed-up flags (--sampler inverse_cdf --skip_left_padding)"""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 autocast around the whole update (rollouts and training) for both implementations"""
     batch_size: int = 8
@@ -142,6 +142,7 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
         temperature=case["temperature"], total_episodes=batch * case["num_updates"], eval_every=0,
         mixed_precision="bf16" if case["dtype"] == "bf16" else "no",
         sampler="inverse_cdf" if case["implementation"] == PROPOSED else "multinomial",
+        skip_left_padding=case["implementation"] == PROPOSED,
     )
     stage = Stage.start(args)
     plan = ppo.plan_ppo(args, stage.world_size)

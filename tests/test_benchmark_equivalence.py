@@ -92,6 +92,42 @@ def test_response_logits_by_index_and_in_place_temperature_match_the_plain_forwa
         torch.testing.assert_close(ours_grad, plain_grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("architecture", ["gpt_neox", "gpt2"])  # rotary (relative) and learned absolute positions
+def test_forwards_without_left_padding_equal_the_padded_batch_with_gradients(architecture):
+    """--skip_left_padding: one forward per row without its query's left pads gives the padded batch's response
+    logits, critic values and RM scores and the same parameter gradients. Rows with 2, 0 and 4 (all but one
+    query token) left pads, a response with pads after its EOS (id 0). With rotary positions only relative
+    positions count; GPT-2's learned absolute positions fail unless the pads keep their positions (G-3)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from summarize_from_feedback_details.modeling import ScalarModel, ScalarModelConfig, sequence_scores
+    from summarize_from_feedback_details.ppo import PolicyAndValue
+
+    torch.manual_seed(0)
+    policy = _policy() if architecture == "gpt_neox" else GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    critic = ScalarModel(ScalarModelConfig(base_config=policy.config.to_dict()))
+    model = PolicyAndValue(policy, critic)
+    query_responses = torch.tensor([[99, 99, 3, 4, 5, 7, 8, 9, 10], [2, 3, 4, 5, 6, 1, 0, 99, 99], [99, 99, 99, 99, 5, 7, 0, 99, 99]])
+    responses = query_responses[:, 5:]
+    weights = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for skip in (False, True):
+        model.zero_grad()
+        logits, values = model(query_responses, 99, 5, 0.7, skip_left_padding=skip)
+        scores = sequence_scores(critic, query_responses, 99, 5, skip_left_padding=skip)
+        ((gather_logprobs(logits, responses.masked_fill(responses == 99, 0)) + values) * weights).sum().add(scores.sum()).backward()
+        results[skip] = logits.detach(), values.detach(), scores.detach(), [p.grad.clone() for p in model.parameters()]
+    (padded_logits, padded_values, padded_scores, padded_grads), (logits, values, scores, grads) = results[False], results[True]
+    assert logits.shape == (3, 4, 64) and values.shape == (3, 4) and scores.shape == (3,)
+    torch.testing.assert_close(logits, padded_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(values, padded_values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores, padded_scores, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores[1], critic(**model_inputs(query_responses[1:2, :7], 99))[0, 6])  # read at the EOS
+    for grad, padded_grad in zip(grads, padded_grads, strict=True):
+        torch.testing.assert_close(grad, padded_grad, rtol=1e-4, atol=1e-5)
+
+
 def test_inverse_cdf_draws_by_hand():
     """probs (0.1, 0, 0.6, 0.3): the CDF is (0.1, 0.1, 0.7, 1.0); u picks the first index whose CDF exceeds it."""
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])

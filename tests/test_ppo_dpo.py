@@ -120,6 +120,25 @@ def test_ppo_variants_run(sft_run, reward_run, embedded_dataset, runs_dir):
     assert m["response_length"] == 48 and m["last/objective/kl_coef"] != 0.1  # the adaptive controller moved beta
 
 
+def test_ppo_without_left_padding_computes_what_the_padded_run_computes(sft_run, reward_run, embedded_dataset, runs_dir):
+    """The stage with --skip_left_padding (per-row forwards of the reference, critic, reward model and training
+    step; the embedded queries are 16% left padding) computes what it computes without: two updates from the
+    same seed log the same metrics and the final evaluation samples the same responses."""
+    common = [*_common(sft_run, reward_run, embedded_dataset, runs_dir), "--total_episodes", "32", "--batch_size", "16",
+              "--local_rollout_forward_batch_size", "16", "--local_micro_batch_size", "8", "--max_eval_samples", "8",
+              "--eval_splits", "validation", "--logging_steps", "1"]
+    run_module("ppo", *common, "--run_name", "ppo_padded")
+    run_module("ppo", *common, "--run_name", "ppo_unpadded", "--skip_left_padding")
+    padded, unpadded = read_metrics(runs_dir / "ppo_padded"), read_metrics(runs_dir / "ppo_unpadded")
+    compared = [k for k, v in padded.items() if isinstance(v, float) and not k.endswith(("seconds", "seconds_per_update", "/eps"))]
+    assert {"first/objective/scores", "last/objective/kl", "last/loss/value_avg", "eval/validation/score"} <= set(compared)
+    for key in compared:
+        assert unpadded[key] == pytest.approx(padded[key], abs=1e-4), key
+    tables = [pd.read_csv(runs_dir / run / "query_responses_validation.csv") for run in ("ppo_padded", "ppo_unpadded")]
+    assert (tables[0]["response"] == tables[1]["response"]).all()
+    assert json.loads((runs_dir / "ppo_unpadded" / "args.json").read_text())["skip_left_padding"]
+
+
 def test_critic_starts_from_the_reward_model(reward_run, sft_run):
     """Detail 22: the critic is the RM with its normalisation bias; the ablation starts it from SFT."""
     from summarize_from_feedback_details.modeling import ScalarModel
@@ -166,6 +185,9 @@ def test_ppo_and_dpo_bad_input_is_one_clear_error(sft_run, reward_run, embedded_
         ppo.main(dataclasses.replace(base, frozen_models_config="configs/accelerate/deepspeed_zero3_offload.yaml"))
     with pytest.raises(UserInputError, match=r"--frozen_models_config '.*none.yaml' does not exist"):
         ppo.main(dataclasses.replace(base, deepspeed=True, frozen_models_config=str(tmp_path / "none.yaml")))
+    with pytest.raises(UserInputError, match=r"--skip_left_padding .* does not go with --frozen_models_config"):
+        ppo.main(dataclasses.replace(base, deepspeed=True, skip_left_padding=True,
+                                     frozen_models_config="configs/accelerate/deepspeed_zero3_offload.yaml"))
     dpo_base = dataclasses.replace(dpo.embedded_args(), sft_model_path=str(sft_run / "model"), dataset=str(embedded_dataset),
                                    output_dir=str(tmp_path / "runs"))
     with pytest.raises(UserInputError, match=r"--sft_model_path '.*missing' is not a saved model"):
