@@ -53,8 +53,8 @@ class Args(common.MeasureArgs):
     query_length: int = 512
     """query tokens per rollout, left-padded (SPEC 2.3: 512)"""
     max_left_padding_fraction: float = 0.6
-    """each query starts with 0..this share of --query_length [PAD]s, uniformly (0.6: 30% padding on average,
-    like the real TL;DR queries, median 350 of 512 tokens)"""
+    """the queries start with 0..this share of --query_length [PAD]s, spread evenly over the batch (0.6: 30% padding
+    on average, like the real TL;DR queries: 32%, median 350 of 512 tokens)"""
     response_length: int = 53
     """tokens sampled per query (Detail 20)"""
     num_ppo_epochs: int = 4

@@ -174,9 +174,10 @@ def response_logits(
     `skip_left_padding`: the backbone runs row by row without the query's left pads (`hidden_without_left_padding`)."""
     # The L positions before each response token, by index: no extra last row to slice off (and copy).
     keep = torch.arange(context_length - 1, query_responses.size(1) - 1, device=query_responses.device)
-    if skip_left_padding:  # a row without `start` leading pads has the same positions `start` earlier
-        rows = hidden_without_left_padding(model.base_model, query_responses, pad_token_id, context_length)
-        logits = model.get_output_embeddings()(torch.cat([hidden[:, keep - start] for start, hidden in rows]))
+    if skip_left_padding:
+        rows = hidden_without_left_padding(model.base_model, query_responses, pad_token_id, context_length,
+                                           [context_length - 1] * len(query_responses), [query_responses.size(1) - 2] * len(query_responses))
+        logits = model.get_output_embeddings()(torch.cat([hidden[:, keep - offset] for offset, hidden in rows]))
     else:
         logits = model(**model_inputs(query_responses, pad_token_id), logits_to_keep=keep).logits
     logits = logits if logits.dtype == torch.float32 else logits.float()
@@ -184,29 +185,73 @@ def response_logits(
     return logits.div_(temperature) if temperature is not None else logits
 
 
-def hidden_without_left_padding(backbone: Any, tokens: torch.Tensor, pad_token_id: int, context_length: int) -> list[tuple[int, torch.Tensor]]:
-    """Per row of `tokens` (B, T): how many leading pads it skips (`start`) and the backbone's last hidden
-    states (1, T - start, d) of the row without them (position i of the row is i - start there).
+def hidden_without_left_padding(
+    backbone: Any, tokens: torch.Tensor, pad_token_id: int, context_length: int, first_needed: list[int], last_needed: list[int],
+) -> list[tuple[int, torch.Tensor]]:
+    """Per row of `tokens` (B, T): the backbone's last hidden states (1, n, d) of the padded positions `offset ..
+    last_needed[row]`, computed on the row without its query's left pads, and `offset` (<= `first_needed[row]`).
 
     The same numbers as the padded batch (a test proves it, with gradients): a pad is masked out of every
-    real token's attention, and the position ids keep the padded positions (G-3: the first real token of a
-    row with p pads sits at position p; rotary models such as Pythia see only relative positions, models
-    with learned absolute positions need this). What it saves: the padded batch computes its left pads
-    through every layer, ~30% of the positions of TL;DR queries. The cost is B backbone calls of one row
-    (a win on CPU, where the matmuls are the work; a loss where per-call overhead dominates, as for small
-    batches on a GPU, hence a flag). The input embeddings are looked up once for the batch, so the
-    backward builds one embedding gradient, not B. At most `context_length - 1` pads are skipped, so a row
-    keeps its last query position."""
+    real token's attention, positions after `last_needed` cannot change earlier ones (causal attention), and the
+    position ids keep the padded positions (G-3: the first real token of a row with p pads sits at position p;
+    rotary models such as Pythia see only relative positions, models with learned absolute positions need this).
+    What it saves: the padded batch computes its left pads through every layer, ~30% of the positions of TL;DR
+    queries; for a GPT-NeoX backbone (Pythia) and a row without pads inside it, the last layer also runs only for
+    the positions from `first_needed` on (`_gpt_neox_last_layer_from`: ~1/num_layers of the work of the query
+    positions; `offset` is then `first_needed`, else the row's start). The cost is B backbone calls of one row (a
+    win on CPU, where the matmuls are the work; a loss where per-call overhead dominates, as for small batches on
+    a GPU, hence a flag). The input embeddings are looked up once for the batch, so the backward builds one
+    embedding gradient, not B. At most `context_length - 1` pads are skipped, so a row keeps its last query position."""
+    from transformers import GPTNeoXModel
+
     inputs = model_inputs(tokens, pad_token_id)
     embeddings = backbone.get_input_embeddings()(inputs["input_ids"])
     starts = first_true_indices(tokens[:, :context_length] != pad_token_id).clamp(max=context_length - 1).tolist()
     rows = []
-    for row, start in enumerate(starts):
-        positions = torch.arange(start, tokens.size(1), device=tokens.device)[None]  # G-3: the padded positions
-        out = backbone(inputs_embeds=embeddings[row : row + 1, start:], attention_mask=inputs["attention_mask"][row : row + 1, start:],
-                       position_ids=positions)
-        rows.append((start, out.last_hidden_state))
+    for row, (start, first, last) in enumerate(zip(starts, first_needed, last_needed, strict=True)):
+        if not start <= first <= last < tokens.size(1):
+            raise ValueError(f"row {row}: needed positions {first}..{last} are not inside {start}..{tokens.size(1) - 1}")
+        positions = torch.arange(start, last + 1, device=tokens.device)[None]  # G-3: the padded positions
+        row_embeddings = embeddings[row : row + 1, start : last + 1]
+        attention_mask = inputs["attention_mask"][row : row + 1, start : last + 1]
+        if isinstance(backbone, GPTNeoXModel) and not backbone.gradient_checkpointing and bool(attention_mask.all()):
+            rows.append((first, _gpt_neox_last_layer_from(backbone, row_embeddings, positions, first - start)))
+        else:
+            out = backbone(inputs_embeds=row_embeddings, attention_mask=attention_mask, position_ids=positions)
+            rows.append((start, out.last_hidden_state))
     return rows
+
+
+def _gpt_neox_last_layer_from(backbone: Any, embeddings: torch.Tensor, positions: torch.Tensor, first: int) -> torch.Tensor:
+    """`GPTNeoXModel.forward` of one row without padding (so causal attention, no mask) whose caller needs the
+    last hidden states of positions `first ..` only: every layer but the last runs as the model runs it; the last
+    one computes its keys and values everywhere but its attention, dense, MLP and the final norm only for those
+    positions (the same operations as `GPTNeoXLayer` / `GPTNeoXAttention`; a test proves the result equal)."""
+    from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+
+    hidden = backbone.emb_dropout(embeddings)
+    rotary = backbone.rotary_emb(hidden, position_ids=positions)
+    *layers, last = backbone.layers
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary)
+    attention = last.attention
+    batch, length, _ = hidden.shape
+    qkv = attention.query_key_value(last.input_layernorm(hidden)).view(batch, length, -1, 3 * attention.head_size).transpose(1, 2)
+    query, key, value = qkv.chunk(3, dim=-1)
+    query, key = apply_rotary_pos_emb(query, key, *rotary)
+    # Query i of the kept ones sits at position first + i: it sees keys 0 .. first + i (causal, aligned bottom-right).
+    allowed = torch.ones(length - first, length, dtype=torch.bool, device=hidden.device).tril(first)
+    attended = torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, first:], key, value, attn_mask=allowed, dropout_p=attention.attention_dropout if attention.training else 0.0,
+        scale=attention.scaling)
+    attended = last.post_attention_dropout(attention.dense(attended.transpose(1, 2).reshape(batch, length - first, -1)))
+    residual = hidden[:, first:]
+    if last.use_parallel_residual:
+        hidden = last.post_mlp_dropout(last.mlp(last.post_attention_layernorm(residual))) + attended + residual
+    else:
+        attended = attended + residual
+        hidden = last.post_mlp_dropout(last.mlp(last.post_attention_layernorm(attended))) + attended
+    return backbone.final_layer_norm(hidden)
 
 
 def sequence_logprobs(model: Any, tokens: torch.Tensor, labels: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -345,8 +390,9 @@ def sequence_scores(
     # Detail 12: the last non-pad position of the response (right padding after EOS).
     last = first_true_indices(tokens[:, context_length:] == pad_token_id) - 1 + context_length
     if skip_left_padding and context_length > 0:
-        rows = hidden_without_left_padding(model.backbone, tokens, pad_token_id, context_length)
-        return model.head(torch.cat([hidden[:, index - start] for (start, hidden), index in zip(rows, last.tolist(), strict=True)]))
+        needed = last.tolist()  # one position per row: the row is cut after it
+        rows = hidden_without_left_padding(model.backbone, tokens, pad_token_id, context_length, needed, needed)
+        return model.head(torch.cat([hidden[:, index - offset] for (offset, hidden), index in zip(rows, needed, strict=True)]))
     per_token = model(**model_inputs(tokens, pad_token_id))
     return per_token[torch.arange(tokens.size(0), device=tokens.device), last]
 

@@ -101,9 +101,10 @@ class Args(TrainArgs):
     """how a token is drawn from softmax(logits / T): torch.multinomial, or inverse_cdf (one uniform per row against the
     cumulative distribution: the same distribution, faster on CPU, but the same seed gives other samples)"""
     skip_left_padding: bool = False
-    """run the reference, critic, reward and training forwards one row at a time without the query's left pads: the same
-    numbers (pads are masked and keep their positions, G-3) for ~30% fewer positions on TL;DR queries; faster on CPU,
-    slower where per-call overhead dominates (small batches on a GPU)"""
+    """run the reference, critic, reward and training forwards one row at a time without the query's left pads (and, for
+    GPT-NeoX, the last layer only at the positions read): the same numbers (pads are masked and keep their positions,
+    G-3) for ~30% fewer positions on TL;DR queries; faster on CPU, slower where per-call overhead dominates (small
+    batches on a GPU)"""
     scale_logits_by_temperature: bool = True
     """P-1: divide the logits of the reference and training forward passes by the temperature (off: the bug)"""
     kl_coef: float = 0.05
@@ -337,8 +338,10 @@ class PolicyAndValue(nn.Module):
     def values(self, query_responses: torch.Tensor, pad_token_id: int, context_length: int, skip_left_padding: bool = False) -> torch.Tensor:
         """The critic's value of the state before each response token (B, L); the rollout needs only these."""
         if skip_left_padding:
-            rows = hidden_without_left_padding(self.critic.backbone, query_responses, pad_token_id, context_length)
-            return self.critic.head(torch.cat([hidden[:, context_length - 1 - start : -1] for start, hidden in rows]))
+            batch, length = query_responses.shape  # the states before each response token: context - 1 .. length - 2
+            rows = hidden_without_left_padding(self.critic.backbone, query_responses, pad_token_id, context_length,
+                                               [context_length - 1] * batch, [length - 2] * batch)
+            return self.critic.head(torch.cat([hidden[:, context_length - 1 - offset :] for offset, hidden in rows]))
         return self.critic(**model_inputs(query_responses, pad_token_id))[:, context_length - 1 : -1]
 
 

@@ -66,10 +66,11 @@ def test_chunked_entropy_equals_the_plain_formula(monkeypatch):
     torch.testing.assert_close(entropy_from_logits(uniform), torch.full((1, 2), torch.log(torch.tensor(1000.0)).item()))
 
 
-def _policy(seed: int = 0) -> GPTNeoXForCausalLM:
+def _policy(seed: int = 0, use_parallel_residual: bool = True) -> GPTNeoXForCausalLM:
     torch.manual_seed(seed)
     config = GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                           max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0, rotary_pct=0.25)
+                           max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0, rotary_pct=0.25,
+                           use_parallel_residual=use_parallel_residual)
     return GPTNeoXForCausalLM(config)
 
 
@@ -92,20 +93,28 @@ def test_response_logits_by_index_and_in_place_temperature_match_the_plain_forwa
         torch.testing.assert_close(ours_grad, plain_grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("architecture", ["gpt_neox", "gpt2"])  # rotary (relative) and learned absolute positions
-def test_forwards_without_left_padding_equal_the_padded_batch_with_gradients(architecture):
+@pytest.mark.parametrize("architecture", ["gpt_neox", "gpt_neox_sequential", "gpt2"])  # rotary / learned absolute positions
+def test_forwards_without_left_padding_equal_the_padded_batch_with_gradients(monkeypatch, architecture):
     """--skip_left_padding: one forward per row without its query's left pads gives the padded batch's response
     logits, critic values and RM scores and the same parameter gradients. Rows with 2, 0 and 4 (all but one
-    query token) left pads, a response with pads after its EOS (id 0). With rotary positions only relative
-    positions count; GPT-2's learned absolute positions fail unless the pads keep their positions (G-3)."""
+    query token) left pads, responses with pads after their EOS (id 0). With rotary positions only relative
+    positions count; GPT-2's learned absolute positions fail unless the pads keep their positions (G-3).
+    GPT-NeoX (parallel and sequential residual) runs its last layer only where the caller reads it on the rows
+    without pads inside (`_gpt_neox_last_layer_from`): counted, so the test cannot pass through the full path alone."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from summarize_from_feedback_details.modeling import ScalarModel, ScalarModelConfig, sequence_scores
     from summarize_from_feedback_details.ppo import PolicyAndValue
 
+    pruned_calls = []
+    pruned = modeling._gpt_neox_last_layer_from
+    monkeypatch.setattr(modeling, "_gpt_neox_last_layer_from", lambda *a: pruned_calls.append(a[3]) or pruned(*a))
     torch.manual_seed(0)
-    policy = _policy() if architecture == "gpt_neox" else GPT2LMHeadModel(
-        GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    if architecture == "gpt2":
+        policy = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0,
+                                            embd_pdrop=0.0, attn_pdrop=0.0))
+    else:
+        policy = _policy(use_parallel_residual=architecture == "gpt_neox")
     critic = ScalarModel(ScalarModelConfig(base_config=policy.config.to_dict()))
     model = PolicyAndValue(policy, critic)
     query_responses = torch.tensor([[99, 99, 3, 4, 5, 7, 8, 9, 10], [2, 3, 4, 5, 6, 1, 0, 99, 99], [99, 99, 99, 99, 5, 7, 0, 99, 99]])
@@ -126,6 +135,11 @@ def test_forwards_without_left_padding_equal_the_padded_batch_with_gradients(arc
     torch.testing.assert_close(scores[1], critic(**model_inputs(query_responses[1:2, :7], 99))[0, 6])  # read at the EOS
     for grad, padded_grad in zip(grads, padded_grads, strict=True):
         torch.testing.assert_close(grad, padded_grad, rtol=1e-4, atol=1e-5)
+    # Pruned last layers (first kept index within the unpadded row): row 0 (2 pads, no pad inside up to position 7)
+    # for the policy and the critic (position 4 = 2 after the pads), then the RM's three rows cut after their last
+    # non-pad token (positions 8, 6, 6 = 6, 6, 2 after the pads). Rows 1 and 2 of the policy and critic hold pads after
+    # their EOS: the full path with a mask.
+    assert pruned_calls == ([] if architecture == "gpt2" else [2, 2, 6, 6, 2])
 
 
 def test_inverse_cdf_draws_by_hand():
