@@ -83,12 +83,25 @@ def autocast(device: str, dtype: str) -> Any:
 
 def training_phase_flops(case: dict[str, Any]) -> float:
     """Matmul FLOPs of our training phase per update: each epoch, the policy forward (vocabulary logits for
-    the response positions only) and the critic forward (scalar head everywhere), forward + backward."""
+    the response positions only) and the critic forward, forward + backward. The padded batch (`ours`): every
+    position, attention over the full masked square, the critic's head everywhere. `ours_proposed`
+    (--skip_left_padding): each row's own positions, causal attention, the last layer pruned to the 53 positions read
+    (`common.unpadded_row_forward_flops`): the work done, not the padded batch's."""
     shape = common.get_shape(case["shape"])
     tokens = case["query_length"] + case["response_length"]
-    policy = common.forward_flops(shape, case["batch_size"], tokens, case["response_length"], shape.vocab_size)
-    critic = common.forward_flops(shape, case["batch_size"], tokens, tokens, 1)
-    return case["num_ppo_epochs"] * common.training_flops(policy + critic)
+    kept = case["response_length"]
+    if case["implementation"] == PROPOSED:
+        queries = common.random_queries(shape, case["batch_size"], case["query_length"], case["max_left_padding"], case["seed"])
+        forward = 0.0
+        for query in queries:
+            row_tokens = tokens - 1 - sum(token == shape.pad_token_id for token in query)  # cut after the last position read
+            forward += common.unpadded_row_forward_flops(shape, row_tokens, kept, shape.vocab_size)
+            forward += common.unpadded_row_forward_flops(shape, row_tokens, kept, 1)
+    else:
+        policy = common.forward_flops(shape, case["batch_size"], tokens, kept, shape.vocab_size)
+        critic = common.forward_flops(shape, case["batch_size"], tokens, tokens, 1)
+        forward = policy + critic
+    return case["num_ppo_epochs"] * common.training_flops(forward)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -133,6 +133,18 @@ def forward_flops(shape: Shape, batch: int, tokens: int, head_positions: int, he
     return batch * (shape.num_layers * tokens * per_token_per_layer + 2 * head_positions * d * head_width)
 
 
+def unpadded_row_forward_flops(shape: Shape, row_tokens: int, kept: int, head_width: int) -> float:
+    """Matmul FLOPs of one row through `ppo.py --skip_left_padding`'s forward (`hidden_without_left_padding`): the
+    row's `row_tokens` unpadded positions through every layer but the last with causal attention (the kernel skips
+    the upper triangle: T(T+1)/2 scores), the last layer's keys and values everywhere but its queries, dense and
+    MLP only at the `kept` positions read, and a head of `head_width` there."""
+    d, f, n = shape.hidden_size, shape.intermediate_size, row_tokens
+    layer = n * 2 * (4 * d * d + 2 * d * f) + 2 * 2 * d * n * (n + 1) / 2
+    last_keys_values = n * 2 * (2 * d * d)
+    last_kept = kept * 2 * (2 * d * d + 2 * d * f) + 2 * 2 * d * (kept * (n - kept) + kept * (kept + 1) / 2)
+    return (shape.num_layers - 1) * layer + last_keys_values + last_kept + 2 * kept * d * head_width
+
+
 def training_flops(forward: float) -> float:
     """forward + backward (input and weight gradients: 2x the forward)."""
     return 3.0 * forward

@@ -59,3 +59,17 @@ def test_steps_benchmark_times_sft_and_reward_steps_into_a_table():
     assert sft["flops"] > reward["flops"] > 0  # vocabulary logits at every position vs a scalar head
     rows = _table_rows(bench_steps.steps_table(cases, ceiling=1e9, gpu=False))
     assert [row[:2] for row in rows[2:]] == [["tiny", "sft"], ["tiny", "reward"]]
+
+
+def test_unpadded_row_flops_by_hand_and_equal_to_the_full_row_when_every_position_is_kept():
+    """`ours_proposed`'s training FLOPs (--skip_left_padding): d 2, f 4, 2 layers, a row of 3 positions, 1 kept, a
+    head of 5. Full layer: 3 x 2 x (4 d^2 + 2 d f = 32) = 192 linear + 2 x 2 x d x (1 + 2 + 3) = 48 causal attention
+    = 240; last layer: keys and values 3 x 2 x 2 d^2 = 48, the kept position 2 x (2 d^2 + 2 d f) = 48 and its 3
+    scores and values 2 x 2 x d x 3 = 24; head 2 x 1 x d x 5 = 20: 240 + 48 + 72 + 20 = 380."""
+    sys.path.insert(0, str(REPO / "benchmark"))
+    import common
+
+    shape = common.Shape("hand", hidden_size=2, num_layers=2, num_heads=1, intermediate_size=4, vocab_size=5, pad_token_id=5)
+    assert common.unpadded_row_forward_flops(shape, row_tokens=3, kept=1, head_width=5) == 380
+    full_layer = 240
+    assert common.unpadded_row_forward_flops(shape, row_tokens=3, kept=3, head_width=0) == 2 * full_layer
