@@ -124,12 +124,18 @@ def setup_torch(threads: int | None, seed: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # FLOPs (matmuls only: embeddings, norms, softmax and the optimizer are not counted)
 # ----------------------------------------------------------------------------------------------
+def linear_flops_per_token(shape: Shape) -> float:
+    """Matmul FLOPs of one position through one layer's linear maps: qkv (3 d^2), dense (d^2), MLP (2 d f)."""
+    d, f = shape.hidden_size, shape.intermediate_size
+    return 2 * (4 * d * d + 2 * d * f)
+
+
 def forward_flops(shape: Shape, batch: int, tokens: int, head_positions: int, head_width: int) -> float:
     """Matmul FLOPs of one forward of `batch` sequences of `tokens` through the transformer, plus an output
     head of width `head_width` (the vocabulary, or 1 for a scalar head) on `head_positions` per sequence.
     Attention counts the full `tokens x tokens` score matrix (what the non-flash CPU kernels compute)."""
-    d, f = shape.hidden_size, shape.intermediate_size
-    per_token_per_layer = 2 * (4 * d * d + 2 * d * f) + 2 * 2 * tokens * d  # qkv + dense + mlp, QK^T + AV
+    d = shape.hidden_size
+    per_token_per_layer = linear_flops_per_token(shape) + 2 * 2 * tokens * d  # qkv + dense + mlp, QK^T + AV
     return batch * (shape.num_layers * tokens * per_token_per_layer + 2 * head_positions * d * head_width)
 
 
@@ -139,7 +145,7 @@ def unpadded_row_forward_flops(shape: Shape, row_tokens: int, kept: int, head_wi
     the upper triangle: T(T+1)/2 scores), the last layer's keys and values everywhere but its queries, dense and
     MLP only at the `kept` positions read, and a head of `head_width` there."""
     d, f, n = shape.hidden_size, shape.intermediate_size, row_tokens
-    layer = n * 2 * (4 * d * d + 2 * d * f) + 2 * 2 * d * n * (n + 1) / 2
+    layer = n * linear_flops_per_token(shape) + 2 * 2 * d * n * (n + 1) / 2
     last_keys_values = n * 2 * (2 * d * d)
     last_kept = kept * 2 * (2 * d * d + 2 * d * f) + 2 * 2 * d * (kept * (n - kept) + kept * (kept + 1) / 2)
     return (shape.num_layers - 1) * layer + last_keys_values + last_kept + 2 * kept * d * head_width
