@@ -283,19 +283,25 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased (Bessel-corrected) variance of `values` over `mask`, as the authors' `masked_var`."""
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """Variance of `values` over `mask`; biased (divided by the count) unless `unbiased` (Bessel's correction).
+
+    The authors' `masked_var` defaults to unbiased, but their `masked_whiten` calls it with `unbiased=False`,
+    so whitening (Details 24, 25) uses the biased variance: at 9 valid tokens the two scales differ by 5.7%."""
     count = mask.sum()
-    if count < 2:
-        raise ValueError(f"whitening needs at least 2 valid entries, got {int(count)}; use a larger (mini)batch")
+    if count < (2 if unbiased else 1):
+        raise ValueError(f"the masked variance needs at least {2 if unbiased else 1} valid entries, got {int(count)}; "
+                         "use a larger (mini)batch")
     centered = values - masked_mean(values, mask)
-    return masked_mean(centered**2, mask) * count / (count - 1)
+    variance = masked_mean(centered**2, mask)
+    return variance * count / (count - 1) if unbiased else variance
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(values - mean) / sqrt(var + 1e-8) over `mask`; `shift_mean=False` adds the mean back (the authors'
-    reward whitening keeps the mean, only the scale changes)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    """(values - mean) / sqrt(var + 1e-8) over `mask` with the biased variance, as the released code's
+    `masked_whiten` (Details 24, 25); `shift_mean=False` adds the mean back (the authors' reward whitening
+    keeps the mean, only the scale changes)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask, unbiased=False)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
 

@@ -13,6 +13,7 @@ from summarize_from_feedback_details.modeling import (
     ScalarModel,
     ScalarModelConfig,
     gather_logprobs,
+    masked_var,
     masked_whiten,
     model_inputs,
     response_logits,
@@ -91,16 +92,19 @@ def test_gae_by_hand():
 
 
 def test_whitening_with_masks():
-    """Details 24/25: masked mean / unbiased variance; advantages centred and zeroed on padding; rewards
-    rescaled with their mean kept and zeroed after the score position."""
-    values = torch.tensor([[2.0, 4.0, 6.0, 100.0]])
-    mask = torch.tensor([[T, T, T, F]])  # mean 4, unbiased var (4 + 0 + 4) / 2 = 4
-    assert masked_whiten(values, mask)[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
-    assert masked_whiten(values, mask, shift_mean=False)[0, :3].tolist() == pytest.approx([3.0, 4.0, 5.0], abs=1e-6)
-    assert whiten_advantages(values, ~mask)[0].tolist() == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-6)
-    assert whiten_rewards(values, ~mask)[0].tolist() == pytest.approx([3.0, 4.0, 5.0, 0.0], abs=1e-6)
-    with pytest.raises(ValueError, match="at least 2"):
-        masked_whiten(values, torch.tensor([[T, F, F, F]]))
+    """Details 24/25: masked mean / biased variance (the released `masked_whiten` calls `masked_var(.., False)`);
+    advantages centred and zeroed on padding; rewards rescaled with their mean kept and zeroed after the score."""
+    values = torch.tensor([[2.0, 5.0, 8.0, 100.0]])
+    mask = torch.tensor([[T, T, T, F]])  # mean 5, biased var (9 + 0 + 9) / 3 = 6 (Bessel's would be 9)
+    s = 6**0.5
+    assert masked_var(values, mask).item() == pytest.approx(6.0, abs=1e-6)
+    assert masked_var(values, mask, unbiased=True).item() == pytest.approx(9.0, abs=1e-6)
+    assert masked_whiten(values, mask)[0, :3].tolist() == pytest.approx([-3 / s, 0.0, 3 / s], abs=1e-6)
+    assert masked_whiten(values, mask, shift_mean=False)[0, :3].tolist() == pytest.approx([5 - 3 / s, 5.0, 5 + 3 / s], abs=1e-6)
+    assert whiten_advantages(values, ~mask)[0].tolist() == pytest.approx([-3 / s, 0.0, 3 / s, 0.0], abs=1e-6)
+    assert whiten_rewards(values, ~mask)[0].tolist() == pytest.approx([5 - 3 / s, 5.0, 5 + 3 / s, 0.0], abs=1e-6)
+    # a single valid token whitens to 0 (biased variance 0), as in the released code
+    assert masked_whiten(values, torch.tensor([[T, F, F, F]]))[0, 0].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_ppo_losses_by_hand():
