@@ -48,6 +48,10 @@ class Args(common.MeasureArgs):
     ours with ppo.py's CPU speed-up flags (--sampler inverse_cdf --skip_left_padding)"""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 autocast around the whole update (rollouts and training) for both implementations"""
+    bf16_scope: Literal["update", "training"] = "update"
+    """with --dtype bf16: `update` autocasts the whole update (both implementations); `training` only what `ppo.py
+    --mixed_precision bf16` autocasts without --deepspeed, the training forward of `PolicyAndValue` (accelerate wraps
+    it): the sampler and the rollouts' reference, value and reward forwards stay fp32 (ours only)"""
     batch_size: int = 8
     """rollouts per update (= the one minibatch = the micro-batch: no gradient accumulation)"""
     query_length: int = 512
@@ -160,10 +164,11 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
     stage = Stage.start(args)
     plan = ppo.plan_ppo(args, stage.world_size)
     config = common.neox_config(shape)
-    policy = disable_dropout(GPTNeoXForCausalLM(dropout_free_config(config)))
-    ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
-    reward_model = disable_dropout(ScalarModel(ScalarModelConfig(base_config=config.to_dict()))).eval()
-    critic = copy.deepcopy(reward_model)
+    with common.build_on(case["device"]):
+        policy = disable_dropout(GPTNeoXForCausalLM(dropout_free_config(config)))
+        ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
+        reward_model = disable_dropout(ScalarModel(ScalarModelConfig(base_config=config.to_dict()))).eval()
+        critic = copy.deepcopy(reward_model)
     reward_model.requires_grad_(False)
     model = ppo.PolicyAndValue(policy, critic)
     optimizer, scheduler = make_optimizer_and_scheduler(model, args.lr, args.eps, args.scheduler, args.warm_up_steps, plan.num_updates)
@@ -219,6 +224,40 @@ def ours_update(ctx: OursContext) -> dict[str, float]:
             "loss/policy_avg": logged["loss/policy_avg"], "val/eos_rate": logged["val/eos_rate"]}
 
 
+def first_minibatch_ratio(ctx: OursContext) -> dict[str, float]:
+    """The first minibatch of a PPO update, measured apart from the timed updates with ppo.py's functions: a batch of
+    rollouts (`collect_rollouts`: the old log-probs are the sampler's, P-1), then what `train_on_rollouts` runs on its
+    first micro-batch before any optimizer step: the training forward of the same weights (gradients on) and
+    `ppo_losses`. In exact arithmetic every ratio is 1 and approx-KL 0; what is left is how far the training forward's
+    rounding is from the sampler's (its KV-cached steps, bf16 autocast, fp32 rollouts against a bf16 training forward).
+    `approxkl`: ppo.py's `policy/approxkl` statistic (0.5 x mean squared log-ratio over all response positions, 0 on
+    padding); the ratios over the valid response tokens. No optimizer step; the rollouts' random draws are spent."""
+    import torch
+
+    from summarize_from_feedback_details import ppo
+    from summarize_from_feedback_details.modeling import gather_logprobs
+    from summarize_from_feedback_details.training import batch_tensor
+
+    args, pad = ctx.args, ctx.pad
+    queries = batch_tensor(ctx.train.select(range(args.batch_size)), "query_token", ctx.device)
+    batch = ppo.collect_rollouts(ctx.unwrapped, ctx.ref_policy, ctx.reward_model, queries, args, ctx.kl_controller.value,
+                                 pad, ctx.eos, args.response_length, ctx.loss_temperature)
+    idx = torch.arange(args.local_micro_batch_size, device=ctx.device)
+    ctx.unwrapped.policy.train()
+    logits, new_values = ctx.model(batch["query_responses"][idx], pad, batch["context_length"], ctx.loss_temperature, args.skip_left_padding)
+    padding, value_padding = batch["padding_mask"][idx], batch["value_padding_mask"][idx]
+    new_logprobs = gather_logprobs(logits, batch["responses"][idx]).masked_fill(padding, ppo.INVALID_LOGPROB)
+    old_logprobs = batch["logprobs"][idx]
+    losses = ppo.ppo_losses(new_logprobs, old_logprobs, batch["advantages"][idx], new_values.masked_fill(value_padding, 0.0),
+                            batch["values"][idx], batch["returns"][idx], padding, value_padding, args.cliprange,
+                            args.cliprange_value, args.vf_coef)
+    with torch.no_grad():
+        ratio = (new_logprobs - old_logprobs).exp()[~padding].float()
+        deviation = (ratio - 1).abs()
+        return {"mean_abs_ratio_minus_1": deviation.mean().item(), "max_abs_ratio_minus_1": deviation.max().item(),
+                "ratio_mean": ratio.mean().item(), "approxkl": losses["approxkl"].item(), "tokens": ratio.numel()}
+
+
 def bf16_tolerance(ctx: OursContext, device_type: str) -> dict[str, float]:
     """How far bf16 autocast moves what the update computes, on one batch of random query-responses: the
     response log-probs (policy) and the values (critic), compared with fp32."""
@@ -257,7 +296,9 @@ def run_ours(case: dict[str, Any]) -> dict[str, Any]:
         if case["dtype"] == "bf16":
             result["bf16_tolerance"] = bf16_tolerance(ctx, ctx.device.type)
         updates = []
-        with autocast(ctx.device.type, case["dtype"]):
+        # bf16_scope "training": only the training forward is autocast (by accelerate, as in ppo.py), not the rollouts
+        with autocast(ctx.device.type, case["dtype"] if case.get("bf16_scope", "update") == "update" else "fp32"):
+            result["first_minibatch"] = first_minibatch_ratio(ctx)
             for _ in range(case["num_updates"]):
                 updates.append(ours_update(ctx))
             if case.get("profile"):
@@ -273,6 +314,7 @@ def run_ours(case: dict[str, Any]) -> dict[str, Any]:
     )
     if torch.cuda.is_available() and case["device"] == "cuda":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["cuda_peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
     return result
 
 
@@ -313,12 +355,13 @@ def run_trl(case: dict[str, Any]) -> dict[str, Any]:
     shape = common.get_shape(case["shape"])
     config = common.neox_config(shape)
     config.pad_token_id = shape.pad_token_id
-    policy = GPTNeoXForCausalLM(config)
-    ref_policy = copy.deepcopy(policy)
     value_config = copy.deepcopy(config)
     value_config.num_labels = 1
-    value_model = GPTNeoXForSequenceClassification(value_config)
-    reward_model = copy.deepcopy(value_model)
+    with common.build_on(case["device"]):
+        policy = GPTNeoXForCausalLM(config)
+        ref_policy = copy.deepcopy(policy)
+        value_model = GPTNeoXForSequenceClassification(value_config)
+        reward_model = copy.deepcopy(value_model)
     queries = common.random_queries(shape, case["batch_size"], case["query_length"], case["max_left_padding"], case["seed"])
     train = datasets.Dataset.from_dict({"input_ids": queries})
     batch = case["batch_size"]
@@ -363,6 +406,7 @@ def run_trl(case: dict[str, Any]) -> dict[str, Any]:
                   cpu_median_s=statistics.median(cpu_times[case["warmup"]:]))
     if torch.cuda.is_available() and case["device"] == "cuda":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["cuda_peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
     return result
 
 
@@ -386,6 +430,9 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: --warmup must be >= 0 and --repeats >= 1")
     if not 0 <= args.max_left_padding_fraction < 1:
         raise SystemExit(f"error: --max_left_padding_fraction {args.max_left_padding_fraction} must be in [0, 1)")
+    if args.bf16_scope == "training" and (args.dtype != "bf16" or "trl" in args.implementations):
+        raise SystemExit("error: --bf16_scope training (ppo.py's autocast of the training forward only) needs --dtype bf16 "
+                         "and our implementations only (not trl)")
     if "trl" in args.implementations:
         try:
             import trl
@@ -410,7 +457,7 @@ def main(args: Args) -> dict[str, Any]:
     common.setup_torch(args.threads, args.seed)
     results: dict[str, Any] = {"command": common.command_line(), "args": asdict(args), "machine": common.machine_description(), "cases": []}
     results["matmul_ceiling_start"] = common.matmul_ceiling(args.device, args.dtype, args.ceiling_seconds)
-    settings = {k: getattr(args, k) for k in ("device", "dtype", "batch_size", "query_length", "response_length",
+    settings = {k: getattr(args, k) for k in ("device", "dtype", "bf16_scope", "batch_size", "query_length", "response_length",
                                               "num_ppo_epochs", "temperature", "lr", "warmup", "threads", "seed")}
     settings["max_left_padding"] = int(args.max_left_padding_fraction * args.query_length)
     for shape in args.shapes:

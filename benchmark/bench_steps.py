@@ -97,10 +97,11 @@ def run_step_case(case: dict[str, Any]) -> dict[str, Any]:
         args = stage_module.Args(seed=case["seed"], output_dir=run_dir, batch_size=batch, local_micro_batch_size=batch,
                                  total_episodes=batch * steps, mixed_precision="bf16" if case["dtype"] == "bf16" else "no")
         stage = Stage.start(args)
-        if case["stage"] == "sft":
-            model = disable_dropout(GPTNeoXForCausalLM(config))
-        else:  # Detail 10/11: an SFT backbone + a fresh scalar head
-            model = disable_dropout(ScalarModel(ScalarModelConfig(base_config=config.to_dict())))
+        with common.build_on(case["device"]):
+            if case["stage"] == "sft":
+                model = disable_dropout(GPTNeoXForCausalLM(config))
+            else:  # Detail 10/11: an SFT backbone + a fresh scalar head
+                model = disable_dropout(ScalarModel(ScalarModelConfig(base_config=config.to_dict())))
         optimizer, _ = make_optimizer_and_scheduler(model, args.lr, args.eps, args.scheduler, args.warm_up_steps, steps)
         plan = plan_batches(batch, batch, stage.world_size, batch * steps, case["stage"])
         accelerator = stage.accelerator(plan)
@@ -138,6 +139,7 @@ def run_step_case(case: dict[str, Any]) -> dict[str, Any]:
                   tokens_per_s=rows * case["sequence_length"] / summary["median_s"])
     if case["device"] == "cuda":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["cuda_peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
     return result
 
 

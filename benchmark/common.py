@@ -113,6 +113,16 @@ def random_queries(shape: Shape, batch_size: int, query_length: int, max_left_pa
     return tokens.masked_fill(positions < pads[:, None], shape.pad_token_id).tolist()
 
 
+def build_on(device: str) -> Any:
+    """A context in which models are built directly on `device`: on a GPU, random initialisation there (a 1B model's
+    on the CPU takes longer than its PPO update on the GPU); on the CPU nothing changes."""
+    import contextlib
+
+    import torch
+
+    return torch.device(device) if device == "cuda" else contextlib.nullcontext()
+
+
 def setup_torch(threads: int | None, seed: int) -> None:
     import torch
 

@@ -127,6 +127,30 @@ def rows(dataset: Any, names: list[str]) -> list[dict[str, Any]]:
     return dataset.select_columns(names).with_format("arrow")[:].to_pylist()
 
 
+def saved_split_names(path: str | os.PathLike) -> list[str]:
+    """The splits of a `DatasetDict` that `save_to_disk` wrote at `path` (none when there is none)."""
+    listing = Path(path) / "dataset_dict.json"
+    return list(json.loads(listing.read_text())["splits"]) if listing.is_file() else []
+
+
+def load_saved_split(path: str | os.PathLike, split: str) -> Any | None:
+    """Split `split` of the `DatasetDict` saved at `path`, read on its own; None when it is absent or has no rows.
+
+    One split at a time because a split saved with no rows has no data file, and `datasets.load_from_disk` of it,
+    or of the whole dict around it, fails in `concat_tables` (IndexError): bring-your-own comparisons without
+    CNN/DM rows made such an empty `validation_cnndm` before the data stage left empty splits out.
+    """
+    import datasets
+
+    if split not in saved_split_names(path):
+        return None
+    state = json.loads((Path(path) / split / "state.json").read_text())
+    if not state.get("_data_files"):
+        return None
+    dataset = datasets.load_from_disk(str(Path(path) / split))
+    return dataset if len(dataset) else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Files: nothing a run produced is lost or half-written
 # ----------------------------------------------------------------------------------------------

@@ -50,9 +50,17 @@ DETAILS: tuple[Detail, ...] = (
            "tests/test_real_data.py::test_real_long_posts_cut_at_last_fitting_paragraph"),
     Detail("left_padding", "2.3", "Queries left-padded to the query length with the pad token", "data",
            None, None, "tests/test_query_processing.py::test_query_is_left_padded_to_length"),
+    # A fidelity switch for the real data (the authors' released text), not a paper finding to ablate.
+    Detail("decode_cleanup", "2.4", "Default: the `query` text is OpenAI's exact text; by flag the authors' released processing (transformers 4 "
+           "decode clean-up, \" .\" -> \".\", on 88 of 1,945 real posts; query+response columns built from it)", "data",
+           "--decode_cleanup", None, "tests/test_fidelity_text.py::test_decode_cleanup_reproduces_the_authors_query_text_on_real_posts"),
     Detail("leading_space", "3.1", "Completions start with exactly one space", "data",
            "--leading_space", ("--no-leading_space", "--no-check_length_correctness"),
            "tests/test_query_processing.py::test_completion_leading_space_and_eos_flags"),
+    # A fidelity switch: texts that start with no space or several (OpenAI's comparison summaries start with one).
+    Detail("single_leading_space", "3.1", "A completion's own leading spaces become exactly one (by flag the released code's: one "
+           "space before an SFT reference as it is, comparison summaries kept as they are)", "data",
+           "--single_leading_space", None, "tests/test_query_processing.py::test_completion_spaces_single_or_as_released"),
     Detail("append_eos", "3.1", "Completions end with the EOS token", "data",
            "--append_eos", ("--no-append_eos", "--no-check_length_correctness"),
            "tests/test_query_processing.py::test_completion_leading_space_and_eos_flags"),
@@ -78,6 +86,10 @@ DETAILS: tuple[Detail, ...] = (
     # ---------------------------------------------------------------- SFT
     Detail("sft_setup", "9", "SFT: 1 epoch, batch 128, cosine; loss over query + reference ignoring pads (the embedded preset: reference only, a measured tiny-scale deviation); ROUGE at T 0.01", "sft",
            "--completion_only_loss", ("--completion_only_loss",), "tests/test_sft_reward.py::test_sft_learns_the_task"),
+    # An evaluation setting: it changes the metric only, so there is nothing to re-train for an ablation.
+    Detail("rouge_stemmer", "9", "ROUGE as the authors scored it (`evaluate`'s default: rouge-score, no stemming); stemming by flag "
+           "(sft, ppo, dpo; ROUGE-L +0.0095 on real TL;DR pairs)", "sft",
+           "--rouge_stemmer", None, "tests/test_fidelity_text.py::test_rouge_unstemmed_by_default_on_real_pairs"),
     # ---------------------------------------------------------------- reward model
     Detail("rm_setup", "10", "RM from SFT, Bradley-Terry loss, 1 epoch, batch 64", "reward", None, None,
            "tests/test_sft_reward.py::test_reward_model_accuracy_breakdown_and_normalisation"),
@@ -128,10 +140,15 @@ DETAILS: tuple[Detail, ...] = (
            "tests/test_ppo_math.py::test_gae_by_hand"),
     Detail("ppo_losses", "P-4", "Clipped surrogate + clipped value loss (coefficient 0.1)", "ppo", None, None,
            "tests/test_ppo_math.py::test_ppo_losses_by_hand"),
-    Detail("ppo_logging", "P-5", "Per-update logging of KL, entropy, scores, clip fractions, EOS counts, ...", "ppo", None, None,
-           "tests/test_ppo_dpo.py::test_ppo_end_to_end"),
+    # Logging and validation timing are fidelity switches (what the released code logged), not findings to ablate.
+    Detail("ppo_logging", "P-5", "Per-update logging of KL, entropy, scores, clip fractions, EOS counts, ...; entropy, policy clip "
+           "fraction and ratio averaged over every response position as the released code did (valid tokens only by flag)", "ppo",
+           "--masked_statistics", None, "tests/test_ppo_math.py::test_logged_statistics_as_released_or_masked"),
     Detail("ppo_evaluation", "P-6", "Validation batch at T 0.01 every --eval_every updates; full validation/test tables at the end", "ppo",
            "--eval_every", ("--eval_every", "10"), "tests/test_ppo_dpo.py::test_ppo_end_to_end"),
+    Detail("ppo_validation_timing", "P-6", "The per-update validation batch is scored before the update's rollouts, by the policy that "
+           "collects them, as in the released code (after the update by flag)", "ppo", "--eval_after_update", None,
+           "tests/test_fidelity_dtype.py::test_ppo_from_float16_checkpoints_writes_fp32_and_scores_validation_before_the_update"),
     # ---------------------------------------------------------------- DPO and judge
     Detail("dpo", "DPO", "DPO baseline: sigmoid loss beta 0.05 (IPO, label smoothing), response-only log-probs, frozen reference", "dpo",
            "--loss_type", ("--loss_type", "ipo"), "tests/test_ppo_math.py::test_dpo_loss_by_hand"),

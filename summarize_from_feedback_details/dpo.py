@@ -28,7 +28,12 @@ from summarize_from_feedback_details.core import (
     push_run_to_hub,
     training_schedule,
 )
-from summarize_from_feedback_details.modeling import ScalarModel, disable_dropout, sequence_logprobs
+from summarize_from_feedback_details.modeling import (
+    FROZEN_DTYPE,
+    ScalarModel,
+    disable_dropout,
+    sequence_logprobs,
+)
 from summarize_from_feedback_details.training import (
     Stage,
     batch_tensor,
@@ -36,6 +41,7 @@ from summarize_from_feedback_details.training import (
     evaluate_comparisons,
     evaluate_generations,
     load_causal_lm,
+    load_optional_splits,
     load_processed_split,
     make_optimizer_and_scheduler,
     require_columns,
@@ -80,6 +86,8 @@ class Args(TrainArgs):
     """queries (or comparisons) per evaluation forward per process"""
     max_eval_samples: int | None = None
     """use only the first N rows of each evaluation split (default: all)"""
+    rouge_stemmer: bool = False
+    """Detail 9: Porter-stem words before ROUGE (the authors' `evaluate` default does not; stemming adds ~0.01 to ROUGE-L)"""
     eval_before_training: bool = False
     """also sample from the SFT policy before training (metrics prefixed `sft/`)"""
     gold_eval: bool = False
@@ -111,10 +119,10 @@ def main(args: Args) -> dict[str, Any]:
     # ---- data (checked before any model is loaded)
     train = load_processed_split(args.dataset, "preference", "train")
     require_columns(train, PAIR_COLUMNS, f"{args.dataset} preference/train")
-    comparisons = {split: load_processed_split(args.dataset, "preference", split) for split in args.comparison_splits}
+    comparisons = load_optional_splits(args.dataset, "preference", args.comparison_splits, say=stage.print)  # absent/empty: skipped
     for split, ds in comparisons.items():
         require_columns(ds, PAIR_COLUMNS + LABEL_COLUMNS, f"{args.dataset} preference/{split}")
-    eval_data = {split: load_processed_split(args.dataset, "sft", split) for split in args.eval_splits}
+    eval_data = load_optional_splits(args.dataset, "sft", args.eval_splits, say=stage.print)
     for split, ds in eval_data.items():
         require_columns(ds, ["query_token", "query", "reference_response", "reference_response_token"], f"{args.dataset} sft/{split}")
     tokenizer = stage.load_tokenizer(args.dataset, args.sft_model_path, args.allow_pad_equals_eos)
@@ -128,10 +136,11 @@ def main(args: Args) -> dict[str, Any]:
 
     # ---- models: policy and frozen reference from SFT, dropout off (Detail 7)
     policy = load_causal_lm(args.sft_model_path, tokenizer)  # Detail 7
-    reference = load_causal_lm(args.sft_model_path, tokenizer).eval().requires_grad_(False)
+    # The policy in fp32 (the loader's default), the frozen reference in FROZEN_DTYPE (fp32, as the released DPO's).
+    reference = load_causal_lm(args.sft_model_path, tokenizer, dtype=FROZEN_DTYPE).eval().requires_grad_(False)
     reward_model = None
     if args.reward_model_path is not None:
-        reward_model = disable_dropout(ScalarModel.from_pretrained(args.reward_model_path)).eval().requires_grad_(False)
+        reward_model = disable_dropout(ScalarModel.from_pretrained(args.reward_model_path, dtype=FROZEN_DTYPE)).eval().requires_grad_(False)
     optimizer, scheduler = make_optimizer_and_scheduler(policy, args.lr, args.eps, args.scheduler, args.warm_up_steps, plan.num_updates)
     accelerator = stage.accelerator(plan)  # Detail 8
     policy, optimizer = accelerator.prepare(policy, optimizer)  # the scheduler stays unprepared (stepped once per update)

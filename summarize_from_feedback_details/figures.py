@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from summarize_from_feedback_details.core import column
+from summarize_from_feedback_details.core import column, load_saved_split, saved_split_names
 
 
 def _pyplot() -> Any:
@@ -51,7 +51,9 @@ def _histograms(plt: Any, panels: Sequence[tuple[str, dict[str, Sequence[int]], 
 
 
 def dataset_figures(sft: Any, preference: Any, out_dir: str | Path, lengths: Any = None) -> list[Path]:
-    """Figure 10: token-length histograms per split, confidence distribution, policies and policy pairs."""
+    """Figure 10: token-length histograms per split, confidence distribution, policies and policy pairs. Splits
+    without rows (no CNN/DM rows in bring-your-own comparisons) are left out, each with one line."""
+    sft, preference = _with_rows(sft, "sft"), _with_rows(preference, "preference")
     plt = _pyplot()
     out = Path(out_dir)
     paths: list[Path] = []
@@ -126,20 +128,29 @@ def dataset_figures(sft: Any, preference: Any, out_dir: str | Path, lengths: Any
     return paths
 
 
-def dataset_figures_from_disk(dataset_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Redraw figure 10 from a directory written by `tldr_dataset`."""
-    import json
+def _with_rows(splits: Any, name: str) -> dict[str, Any]:
+    kept = {split: ds for split, ds in splits.items() if len(ds)}
+    for split in [split for split in splits if split not in kept]:
+        print(f"figures: skipping {name}/{split}: no rows")
+    return kept
 
-    import datasets
+
+def dataset_figures_from_disk(dataset_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Redraw figure 10 from a directory written by `tldr_dataset`. Splits are read one at a time: one saved
+    without rows (by a data stage before empty splits were left out) cannot be read and is skipped."""
+    import json
 
     from summarize_from_feedback_details.tldr_dataset import Lengths
 
     root = Path(dataset_dir)
     args = json.loads((root / "args.json").read_text())
-    return dataset_figures(
-        datasets.load_from_disk(str(root / "sft")), datasets.load_from_disk(str(root / "preference")),
-        out_dir or root / "figures", Lengths(**args["lengths"]),
-    )
+    data = {name: {split: load_saved_split(root / name, split) for split in saved_split_names(root / name)}
+            for name in ("sft", "preference")}
+    for name, splits in data.items():
+        for split in [split for split, ds in splits.items() if ds is None]:
+            print(f"figures: skipping {name}/{split}: no rows")
+    sft, preference = ({split: ds for split, ds in data[name].items() if ds is not None} for name in ("sft", "preference"))
+    return dataset_figures(sft, preference, out_dir or root / "figures", Lengths(**args["lengths"]))
 
 
 if __name__ == "__main__":

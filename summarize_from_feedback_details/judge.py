@@ -685,14 +685,14 @@ def judge_with_reward_model(pairs: Any, args: Args) -> tuple[Any, dict[str, Any]
     import torch
 
     from summarize_from_feedback_details.core import load_tokenizer
-    from summarize_from_feedback_details.modeling import ScalarModel, disable_dropout
+    from summarize_from_feedback_details.modeling import FROZEN_DTYPE, ScalarModel, disable_dropout
     from summarize_from_feedback_details.training import check_model_path, check_vocabulary
 
     if not args.reward_model_path:
         raise UserInputError("--judge reward_model needs --reward_model_path (a reward model written by reward.py)")
     check_model_path(args.reward_model_path, "--reward_model_path")
     tokenizer = load_tokenizer(args.reward_model_path)
-    model = disable_dropout(ScalarModel.from_pretrained(args.reward_model_path)).eval()
+    model = disable_dropout(ScalarModel.from_pretrained(args.reward_model_path, dtype=FROZEN_DTYPE)).eval()
     check_vocabulary(model.config.backbone_config, tokenizer, args.reward_model_path)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     table = pairs.copy()

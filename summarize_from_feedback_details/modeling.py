@@ -37,6 +37,23 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
+# Dtypes: decided here once; the loaders (training.load_causal_lm, ScalarModel.from_backbone /
+# from_pretrained) take them as `dtype`, never the checkpoint's own `torch_dtype`.
+# ----------------------------------------------------------------------------------------------
+TRAINED_DTYPE = torch.float32
+"""Trainable models (policy, critic, reward model, SFT and DPO policies) hold fp32 master weights whatever the
+checkpoint says: Pythia's hub configs say float16, which transformers 5 would load as such, and AdamW would then
+update fp16 weights with no fp32 copy. bf16 comes only from accelerate's mixed precision (autocast) or DeepSpeed,
+both of which keep fp32 master weights. The released code (transformers 4.33) loaded every model in fp32."""
+
+FROZEN_DTYPE = torch.float32
+"""Frozen models (PPO's reference policy and reward model, DPO's reference, the reward model that scores
+evaluation samples, the judge's and the token view's models) load in fp32 too: the released DPO reference ran in
+fp32. The released PPO ran its reference policy and reward model as bf16 DeepSpeed inference engines under
+--deepspeed; here that is `--frozen_models_config` with a bf16 accelerate yaml (DeepSpeed casts them on GPU)."""
+
+
+# ----------------------------------------------------------------------------------------------
 # Forward / generate on padded sequences (Detail 3.2: pad ids become 0 and are masked)
 # ----------------------------------------------------------------------------------------------
 def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -312,7 +329,10 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 class ScalarModelConfig(PretrainedConfig):
     model_type = "sffd_scalar_model"
 
-    def __init__(self, base_config: dict | None = None, base_model: str | None = None, bias: float = 0.0, **kwargs: Any):
+    def __init__(
+        self, base_config: dict | None = None, base_model: str | None = None, bias: float = 0.0,
+        normalization_stats: dict[str, float] | None = None, **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.base_config = base_config or {}
         """the backbone's config as a dict (its model_type picks the architecture)"""
@@ -320,10 +340,15 @@ class ScalarModelConfig(PretrainedConfig):
         """where the backbone came from (informational)"""
         self.bias = float(bias)
         """Detail 15: subtracted from every output so SFT references score 0 on average"""
+        self.normalization_stats = dict(normalization_stats) if normalization_stats is not None else None
+        """Detail 15: mean / std / min / max / count of the SFT references' scores under this model (after the
+        bias, so the mean is ~0), as reward.py measured them; None when it did not normalise"""
 
     @property
     def backbone_config(self) -> PretrainedConfig:
-        base = dict(self.base_config)
+        """The backbone's config without a dtype of its own: the backbone is built in the dtype the loader asked
+        for (`ScalarModel.from_pretrained(dtype=...)`), never in the one the SFT checkpoint recorded."""
+        base = {k: v for k, v in self.base_config.items() if k not in ("dtype", "torch_dtype")}
         return AutoConfig.for_model(base.pop("model_type"), **base)
 
     @property
@@ -369,18 +394,24 @@ class ScalarModel(PreTrainedModel):
         return self.scalar_head(hidden).squeeze(-1) - self.config.bias  # Detail 15
 
     @classmethod
-    def from_backbone(cls, name_or_path: str) -> ScalarModel:
-        """Detail 10: a new reward model whose backbone is the (SFT) causal LM at `name_or_path`."""
+    def from_pretrained(cls, *args: Any, dtype: torch.dtype = TRAINED_DTYPE, **kwargs: Any) -> ScalarModel:
+        """transformers' `from_pretrained` in `dtype` (fp32 unless a frozen model asks for FROZEN_DTYPE), never the
+        dtype the checkpoint's config records."""
+        return super().from_pretrained(*args, dtype=dtype, **kwargs)
+
+    @classmethod
+    def from_backbone(cls, name_or_path: str, dtype: torch.dtype = TRAINED_DTYPE) -> ScalarModel:
+        """Detail 10: a new reward model whose backbone is the (SFT) causal LM at `name_or_path`, in `dtype`."""
         from transformers.utils import logging
 
         verbosity = logging.get_verbosity()
         logging.set_verbosity_error()  # the causal LM's output head is expectedly unused here
         try:
-            backbone = AutoModel.from_pretrained(name_or_path)
+            backbone = AutoModel.from_pretrained(name_or_path, dtype=dtype)
         finally:
             logging.set_verbosity(verbosity)
         config = ScalarModelConfig(base_config=backbone.config.to_dict(), base_model=name_or_path)
-        model = cls(config)
+        model = cls(config).to(dtype)
         missing, unexpected = model.backbone.load_state_dict(backbone.state_dict(), strict=False)
         if missing or unexpected:
             raise ValueError(f"backbone weights of {name_or_path} do not fit: missing {missing}, unexpected {unexpected}")

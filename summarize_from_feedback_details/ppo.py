@@ -12,11 +12,14 @@ Reads like the paper: policy and reference from SFT, critic and reward model fro
 for each update: take the next SFT train queries (Detail 21), sample a fixed number of tokens (23.1),
 score the responses truncated after their first EOS (23.2) with -1 for a missing EOS (23.3), build
 per-token KL rewards with the score after the EOS (P-2), GAE (P-3), whiten the advantages (Detail 25)
--> 4 epochs of clipped PPO losses (P-4) -> log (P-5), evaluate (P-6) -> save the policy.
+-> 4 epochs of clipped PPO losses (P-4) -> log (P-5), evaluate (P-6) -> save the policy. Every
+--save_samples_every updates the validation batch's responses are kept as `samples/update_{k}` tables.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +34,14 @@ from summarize_from_feedback_details.core import (
     TrainArgs,
     UserInputError,
     cli,
+    column,
     plan_batches,
     push_run_to_hub,
     torch_generator,
+    write_text,
 )
 from summarize_from_feedback_details.modeling import (
+    FROZEN_DTYPE,
     ScalarModel,
     disable_dropout,
     entropy_from_logits,
@@ -58,10 +64,13 @@ from summarize_from_feedback_details.training import (
     evaluate_generations,
     frozen_engine,
     frozen_models_config,
+    gold_utility,
     load_causal_lm,
+    load_optional_splits,
     load_processed_split,
     make_optimizer_and_scheduler,
     require_columns,
+    response_texts,
 )
 
 INVALID_LOGPROB = 1.0
@@ -137,16 +146,31 @@ class Args(TrainArgs):
     """Detail 25: whiten the advantages over the valid response tokens"""
     critic_init: Literal["reward", "sft"] = "reward"
     """Detail 22: the critic starts from the trained RM (with its bias), or from SFT with a fresh head"""
+    masked_statistics: bool = False
+    """P-5: average the logged policy/entropy_avg, policy/clipfrac_avg, val/ratio and val/ratio_var over the valid
+    response tokens and sum objective/entropy over them only (default: as the released code logged them, over every
+    response position: padding counts with ratio 1, no clipping, its logits' entropy and -1 in objective/entropy)"""
     eval_every: int = 1
-    """P-6: score one validation batch at --eval_temperature every this many updates (0: never)"""
+    """P-6: score one validation batch at --eval_temperature every this many updates (0: never), before the update's
+    rollouts as the released code did"""
+    eval_after_update: bool = False
+    """P-6: score the validation batch after the update's training (the policy the update produced) instead of before
+    its rollouts (the released code; the score logged at update k is then the policy's after k - 1 updates)"""
     eval_temperature: float = 0.01
     """P-6: sampling temperature of every evaluation"""
     local_eval_batch_size: int = 16
     """queries per evaluation batch per process (also the size of the per-update validation batch)"""
+    save_samples_every: int = 220
+    """P-6: save the per-update validation batch's responses (T --eval_temperature; query, response, reference, RM
+    scores) before the first update and every this many updates as `samples/update_{k}.csv|parquet`, as the authors
+    kept sample tables through training (their print_sample_output_freq, 220); 0: never. Sampling outside an
+    --eval_every update runs on a forked random state, so the tables never change the training run"""
     eval_splits: tuple[str, ...] = ("validation", "test")
     """P-6: SFT splits sampled at the end and saved as `query_responses_{split}` tables"""
     max_eval_samples: int | None = None
     """score only the first N queries of each split at the end (default: all)"""
+    rouge_stemmer: bool = False
+    """Detail 9: Porter-stem words before ROUGE (the authors' `evaluate` default does not; stemming adds ~0.01 to ROUGE-L)"""
     eval_before_training: bool = False
     """also evaluate the SFT policy before PPO (metrics prefixed `sft/`)"""
     gold_eval: bool = False
@@ -295,6 +319,8 @@ def ppo_losses(
             "vf_clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), value_valid),
             "approxkl": 0.5 * (log_ratio**2).mean(),  # the released code's estimate (0 on padding by construction)
             "ratio": masked_mean(ratio, valid),
+            "ratios": ratio.detach(),  # per position (1 on padding), for `policy_statistics`
+            "clipped": pg_losses2 > pg_losses,  # per position (never on padding)
         }
     return {"loss": pg_loss + vf_coef * vf_loss, "pg_loss": pg_loss, "vf_loss": vf_loss, **stats}
 
@@ -363,7 +389,7 @@ def main(args: Args) -> dict[str, Any]:
     # ---- data and sizes (checked before any model is loaded)
     train = load_processed_split(args.dataset, "sft", "train")  # Detail 21: prompts are the SFT train queries
     require_columns(train, ["query_token", "reference_response_token"], f"{args.dataset} sft/train")
-    eval_data = {split: load_processed_split(args.dataset, "sft", split) for split in args.eval_splits}
+    eval_data = load_optional_splits(args.dataset, "sft", args.eval_splits, say=stage.print)  # absent/empty: skipped
     validation = eval_data["validation"] if "validation" in eval_data else load_processed_split(args.dataset, "sft", "validation")
     for split, ds in {"validation": validation, **eval_data}.items():
         require_columns(ds, ["query_token", "query", "reference_response", "reference_response_token"], f"{args.dataset} sft/{split}")
@@ -372,7 +398,9 @@ def main(args: Args) -> dict[str, Any]:
     plan = plan_ppo(args, stage.world_size)
     if len(train) < args.batch_size:
         raise UserInputError(f"--batch_size {args.batch_size} exceeds the {len(train)} SFT train queries")
-    if args.eval_every and len(validation) < args.local_eval_batch_size * stage.world_size:
+    if args.save_samples_every < 0:
+        raise UserInputError(f"--save_samples_every must be >= 0 (0: no sample tables), got {args.save_samples_every}")
+    if (args.eval_every or args.save_samples_every) and len(validation) < args.local_eval_batch_size * stage.world_size:
         raise UserInputError(f"the validation split has fewer than --local_eval_batch_size x processes = {args.local_eval_batch_size * stage.world_size} queries")
     check_model_path(args.sft_model_path, "--sft_model_path")
     check_model_path(args.reward_model_path, "--reward_model_path")
@@ -391,8 +419,9 @@ def main(args: Args) -> dict[str, Any]:
 
     # ---- models, Detail 22: policy + reference from SFT, critic + reward model from the RM; dropout off (Detail 7)
     policy = load_causal_lm(args.sft_model_path, tokenizer)  # Detail 7
-    ref_policy = load_causal_lm(args.sft_model_path, tokenizer).eval().requires_grad_(False)
-    reward_model = disable_dropout(ScalarModel.from_pretrained(args.reward_model_path)).eval().requires_grad_(False)
+    # Trained models in fp32 (TRAINED_DTYPE, the loaders' default), frozen ones in FROZEN_DTYPE, whatever the checkpoints say.
+    ref_policy = load_causal_lm(args.sft_model_path, tokenizer, dtype=FROZEN_DTYPE).eval().requires_grad_(False)
+    reward_model = disable_dropout(ScalarModel.from_pretrained(args.reward_model_path, dtype=FROZEN_DTYPE)).eval().requires_grad_(False)
     check_vocabulary(reward_model.config.backbone_config, tokenizer, args.reward_model_path)
     model = PolicyAndValue(policy, initial_critic(args.critic_init, args.reward_model_path, args.sft_model_path))
     # Detail 20 / G-1: one AdamW (lr 3e-6, eps 1e-5) over policy and critic, decayed linearly to 0.
@@ -421,10 +450,24 @@ def main(args: Args) -> dict[str, Any]:
     # Detail P-6: a fixed validation batch, sampled at T 0.01 and scored every --eval_every updates.
     eval_rows = validation.select(range(stage.rank * args.local_eval_batch_size, (stage.rank + 1) * args.local_eval_batch_size))
     eval_queries = batch_tensor(eval_rows, "query_token", device)
+    if args.save_samples_every:  # P-6: the first samples table is the SFT policy's, before any update
+        with torch.no_grad():
+            responses, scores = sample_validation_batch(unwrapped.policy, reward_model, eval_queries, args, pad, eos,
+                                                        response_length, keep_rng=True)
+            save_samples(stage, tokenizer, reward_model, eval_rows, eval_queries, responses, scores, 0, args)
     prompts = prompt_batches(len(train), args.batch_size, stage.rank, stage.world_size, args.seed)
     shuffle = np.random.default_rng(args.seed + stage.rank * 100003)  # G-2: per-rank minibatch shuffles
     start_time = time.time()
     for update in stage.progress(list(range(1, plan.num_updates + 1)), "PPO updates"):
+        # Detail P-6: as in the released code, the validation batch is sampled and scored at the start of an update by
+        # the policy that collects its rollouts (the score logged at update k is the policy's after k - 1 updates);
+        # --eval_after_update scores it after the update's training instead.
+        evaluate_now = args.eval_every and (update % args.eval_every == 0 or update == plan.num_updates)
+        validation_score = None
+        if evaluate_now and not args.eval_after_update:
+            with torch.no_grad():
+                validation_score = sample_validation_batch(unwrapped.policy, reward_model, eval_queries, args, pad, eos,
+                                                           response_length, keep_rng=False)[1].mean()
         queries = batch_tensor(train.select(next(prompts)), "query_token", device)
         batch = collect_rollouts(unwrapped, ref_policy, reward_model, queries, args, kl_controller.value, pad, eos,
                                  response_length, loss_temperature)
@@ -433,12 +476,18 @@ def main(args: Args) -> dict[str, Any]:
 
         # ---- logging and the per-update validation batch
         with torch.no_grad():
-            local = update_statistics(batch, stats, ratios, eos)  # Detail P-5
-            if args.eval_every and (update % args.eval_every == 0 or update == plan.num_updates):  # Detail P-6
-                unwrapped.policy.eval()
-                eval_responses = truncate_after_eos(sample(unwrapped.policy, eval_queries, pad, response_length, args.eval_temperature, sampler=args.sampler)[0], eos, pad)
-                local["objective/validation_score"] = sequence_scores(
-                    reward_model, torch.cat([eval_queries, eval_responses], 1), pad, eval_queries.size(1)).mean()
+            local = update_statistics(batch, stats, ratios, eos, args.masked_statistics)  # Detail P-5
+            evaluate_after = evaluate_now and args.eval_after_update  # Detail P-6
+            save_now = args.save_samples_every and update % args.save_samples_every == 0
+            if evaluate_after or save_now:  # one sample of the validation batch serves both
+                eval_responses, eval_scores = sample_validation_batch(unwrapped.policy, reward_model, eval_queries, args, pad, eos,
+                                                                      response_length, keep_rng=not evaluate_after)
+                if evaluate_after:
+                    validation_score = eval_scores.mean()
+                if save_now:
+                    save_samples(stage, tokenizer, reward_model, eval_rows, eval_queries, eval_responses, eval_scores, update, args)
+            if validation_score is not None:
+                local["objective/validation_score"] = validation_score
             names = list(local)
             reduced = accelerator.reduce(torch.stack([local[k].float() for k in names]).to(device), reduction="mean")
             logged = dict(zip(names, reduced.tolist(), strict=True))
@@ -466,6 +515,51 @@ def main(args: Args) -> dict[str, Any]:
     if args.push_to_hub and stage.is_main:
         summary["hub_url"] = push_run_to_hub(stage.run_dir / "model", args, stage.run_name, f"{Path(args.sft_model_path).name}__ppo__tldr")
     return summary
+
+
+def sample_validation_batch(
+    policy: Any, reward_model: Any, queries: Any, args: Args, pad: int, eos: int, response_length: int, keep_rng: bool,
+) -> tuple[Any, Any]:
+    """P-6: the fixed validation batch sampled at --eval_temperature, truncated after the first EOS (23.2), and the
+    RM's scores. `keep_rng`: sample on a forked random state (an extra sample must not change the training run)."""
+    policy.eval()
+    devices = [queries.device] if queries.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices) if keep_rng else contextlib.nullcontext():
+        responses = sample(policy, queries, pad, response_length, args.eval_temperature, sampler=args.sampler)[0]
+    responses = truncate_after_eos(responses, eos, pad)
+    return responses, sequence_scores(reward_model, torch.cat([queries, responses], 1), pad, queries.size(1))
+
+
+def save_samples(
+    stage: Stage, tokenizer: Any, reward_model: Any, rows: Any, queries: Any, responses: Any, scores: Any, update: int, args: Args,
+) -> None:
+    """P-6, the authors' sample tables: the validation batch's responses after `update` updates, gathered over the
+    processes, as `samples/update_{update}.csv|parquet`: update, query_index (row of the validation split), query,
+    response, reference, score and reference_score (the RM's), response_token_len, has_eos (+ gold utility)."""
+    import pandas as pd
+    from accelerate.utils import gather_object
+
+    references = batch_tensor(rows, "reference_response_token", queries.device)
+    reference_scores = sequence_scores(reward_model, torch.cat([queries, references], 1), tokenizer.pad_token_id,
+                                       queries.size(1)).tolist()
+    texts, lengths, has_eos = response_texts(tokenizer, responses)
+    table_rows = []
+    for k, (query, reference) in enumerate(zip(column(rows, "query"), column(rows, "reference_response"), strict=True)):
+        row = {"update": update, "query_index": stage.rank * args.local_eval_batch_size + k, "query": query,
+               "response": texts[k].strip(), "reference": reference.replace(tokenizer.eos_token, "").strip(),
+               "score": float(scores[k]), "reference_score": reference_scores[k], "response_token_len": lengths[k],
+               "has_eos": has_eos[k]}
+        if args.gold_eval:
+            row.update(gold_utility(query, row["response"], row["reference"]))
+        table_rows.append(row)
+    gathered = gather_object(table_rows)
+    if stage.is_main:
+        table = pd.DataFrame(gathered)
+        stem = stage.run_dir / "samples" / f"update_{update}"
+        write_text(stem.with_suffix(".csv"), table.to_csv(index=False))  # atomic: temporary file + rename
+        partial = stem.with_name(f".update_{update}.parquet.tmp")
+        table.to_parquet(partial, index=False)
+        os.replace(partial, stem.with_suffix(".parquet"))
 
 
 def collect_rollouts(
@@ -549,20 +643,41 @@ def train_on_rollouts(
                         optimizer.step()
                         optimizer.zero_grad()
                 with torch.no_grad(), record_function("train/stats"):
-                    losses["entropy"] = masked_mean(entropy_from_logits(logits.detach()), ~padding_mask[idx])
-                    ratios.append((new_logprobs - logprobs[idx]).exp()[~padding_mask[idx]])
+                    logged, ratio = policy_statistics(entropy_from_logits(logits.detach()), losses["ratios"], losses["clipped"],
+                                                      padding_mask[idx], args.masked_statistics)  # Detail P-5
+                    losses.update(logged)
+                    ratios.append(ratio)
                 for key in stats:
                     stats[key].append(losses[key].detach())
     return stats, ratios
 
 
-def update_statistics(batch: dict[str, Any], stats: dict[str, list[Any]], ratios: list[Any], eos: int) -> dict[str, Any]:
-    """Detail P-5: the paper's per-update metrics on this process's rollouts and PPO passes (not yet reduced)."""
+def policy_statistics(entropy: Any, ratios: Any, clipped: Any, padding_mask: Any, masked: bool) -> tuple[dict[str, Any], Any]:
+    """Detail P-5: one micro-batch's logged entropy and policy clip fraction, and its probability ratios for
+    `val/ratio` / `val/ratio_var`, from per-position tensors (B, L). The released code logged the entropy and clip
+    fraction as means over every response position (padding included: the entropy of the logits there, never clipped)
+    and one ratio per micro-batch, its mean over every position (1 on padding); `masked` (--masked_statistics)
+    averages over the valid tokens only and keeps every valid token's ratio."""
+    valid = ~padding_mask
+    if masked:
+        return {"entropy": masked_mean(entropy, valid), "pg_clipfrac": masked_mean(clipped.float(), valid)}, ratios[valid]
+    return {"entropy": entropy.mean(), "pg_clipfrac": clipped.float().mean()}, ratios.mean().reshape(1)
+
+
+def update_statistics(
+    batch: dict[str, Any], stats: dict[str, list[Any]], ratios: list[Any], eos: int, masked: bool = False,
+) -> dict[str, Any]:
+    """Detail P-5: the paper's per-update metrics on this process's rollouts and PPO passes (not yet reduced).
+    `objective/entropy` sums -log-prob over every response position as the released code did, so each padding
+    position adds -INVALID_LOGPROB (-1); `masked` (--masked_statistics) sums over the valid tokens only. `val/ratio_var`
+    is the variance of what `policy_statistics` kept: per-micro-batch mean ratios (released) or per-token ratios."""
     padding_mask, postprocessed, scores = batch["padding_mask"], batch["postprocessed"], batch["scores"]
     non_score_reward = batch["non_score_reward"].sum(1).mean()
+    logprobs = batch["logprobs"].masked_fill(padding_mask, 0.0) if masked else batch["logprobs"]
+    ratio = torch.cat(ratios)
     return {
         "objective/kl": batch["kl"].sum(1).mean(),
-        "objective/entropy": (-batch["logprobs"].masked_fill(padding_mask, 0.0)).sum(1).mean(),
+        "objective/entropy": (-logprobs).sum(1).mean(),
         "objective/non_score_reward": non_score_reward,
         "objective/rlhf_reward": non_score_reward + scores.mean(),
         "objective/scores": scores.mean(),
@@ -572,8 +687,8 @@ def update_statistics(batch: dict[str, Any], stats: dict[str, list[Any]], ratios
         "loss/policy_avg": torch.stack(stats["pg_loss"]).mean(),
         "loss/value_avg": torch.stack(stats["vf_loss"]).mean(),
         "val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean(),
-        "val/ratio": torch.cat(ratios).mean(),
-        "val/ratio_var": torch.cat(ratios).var(),
+        "val/ratio": ratio.mean(),
+        "val/ratio_var": ratio.var() if ratio.numel() > 1 else torch.zeros((), device=ratio.device),
         "val/num_eos_tokens": (batch["responses"] == eos).sum().float(),
         "val/eos_rate": (postprocessed == eos).any(1).float().mean(),
         "val/response_token_len": (batch["sequence_lengths"] + 1).float().mean(),
@@ -596,7 +711,7 @@ def embedded_args() -> Args:
     return Args(
         dataset="datasets/embedded", lr=EMBEDDED_PPO_LR, kl_coef=EMBEDDED_KL_COEF, total_episodes=64 * 40, batch_size=64, local_micro_batch_size=64,
         local_rollout_forward_batch_size=64, response_length=None, local_eval_batch_size=100, eval_every=5,
-        logging_steps=5, eval_before_training=True, gold_eval=True,
+        logging_steps=5, eval_before_training=True, gold_eval=True, save_samples_every=10,
     )
 
 

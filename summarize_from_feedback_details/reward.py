@@ -7,7 +7,11 @@ normalisation on the SFT references (SPEC Details 10-16, G-2).
 Reads like the paper: SFT backbone + a scalar head (Detail 11) -> one epoch of -log sigmoid(r_chosen -
 r_rejected) with the reward read at EOS (Detail 12) -> validation accuracy overall, per split, batch and
 confidence (Detail 16), left- vs right-padding check (Detail 14) -> normalise so the SFT references score
-0 on average (Detail 15) -> save (the bias is part of the checkpoint).
+0 on average (Detail 15) -> save (the bias and the references' score statistics are part of the checkpoint).
+
+Evaluation only (the authors' `reward_eval` runs, for the calibration figures): `--total_episodes 0
+--reward_model_path <rm run>/model` scores a trained RM, bias kept, with no update and writes the same
+eval_comparisons.csv and metrics.json (no model/).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from summarize_from_feedback_details.core import (
+    BatchPlan,
     TrainArgs,
+    UserInputError,
     cli,
     plan_batches,
     push_run_to_hub,
@@ -31,6 +37,7 @@ from summarize_from_feedback_details.training import (
     check_model_path,
     check_vocabulary,
     evaluate_comparisons,
+    load_optional_splits,
     load_processed_split,
     make_optimizer_and_scheduler,
     require_columns,
@@ -47,6 +54,9 @@ class Args(TrainArgs):
     """experiment name; the run is `{exp_name}__{seed}__{unix time}`"""
     sft_model_path: str = "models/sft_model"
     """Detail 10: the SFT checkpoint the reward model starts from (hub id or local path)"""
+    reward_model_path: str | None = None
+    """evaluation only (with --total_episodes 0, the authors' `reward_eval` runs): score this trained RM checkpoint,
+    its normalisation bias kept, instead of training a new one; writes eval_comparisons.csv and metrics.json, no model/"""
     dataset: str = "datasets/tldr"
     """output directory of `tldr_dataset` (with preference/, sft/ and tokenizer/) or a hub id"""
     sft_dataset: str | None = None
@@ -62,7 +72,7 @@ class Args(TrainArgs):
     normalize_reward: bool = True
     """Detail 15: store the mean score of the SFT train references as the bias, so references average 0"""
     normalization_samples: int | None = None
-    """score only the first N SFT train references for the bias (default: all)"""
+    """score only the first N SFT train references for the bias and their statistics (default: all)"""
     eval_splits: tuple[str, ...] = ("validation", "validation_cnndm")
     """preference splits scored at the end (Detail 16)"""
     max_eval_samples: int | None = None
@@ -87,32 +97,61 @@ def pair_scores(model: Any, chosen: Any, rejected: Any, pad: int) -> tuple[Any, 
     return scores[: len(chosen)], scores[len(chosen):]
 
 
+def reference_score_stats(scores: list[float], shift: float) -> dict[str, float]:
+    """Detail 15: mean, std (n - 1, as the authors' pandas), min, max and count of the SFT references' scores
+    minus `shift` (the bias added by this run), i.e. their scores under the saved, normalised RM (mean ~0)."""
+    import torch
+
+    shifted = torch.tensor(scores, dtype=torch.float64) - shift
+    std = float(shifted.std()) if len(scores) > 1 else 0.0
+    return {"mean": float(shifted.mean()), "std": std, "min": float(shifted.min()), "max": float(shifted.max()),
+            "count": len(scores)}
+
+
 def main(args: Args) -> dict[str, Any]:
     import pandas as pd
     import torch
     from accelerate.utils import gather_object
 
     stage = Stage.start(args)
+    # An evaluation-only run (the authors' `reward_eval`): 0 updates of a trained RM, scored as it was saved.
+    eval_only = args.total_episodes == 0
+    if eval_only and args.reward_model_path is None:
+        raise UserInputError("--total_episodes 0 trains nothing: pass --reward_model_path <rm run>/model to evaluate a "
+                             "trained reward model, or train with --total_episodes > 0")
+    if args.reward_model_path is not None and not eval_only:
+        raise UserInputError("--reward_model_path evaluates a trained reward model without training it: add "
+                             "--total_episodes 0 (continuing to train a reward model is not supported)")
+    if args.normalization_samples is not None and args.normalization_samples < 1:
+        raise UserInputError(f"--normalization_samples must be >= 1, got {args.normalization_samples}")
+    model_path = args.reward_model_path if eval_only else args.sft_model_path
     # ---- data (checked before any model is loaded)
     train = load_processed_split(args.dataset, "preference", "train")
     require_columns(train, ["query_chosen_token", "query_rejected_token"], f"{args.dataset} preference/train")
-    eval_data = {split: load_processed_split(args.dataset, "preference", split) for split in args.eval_splits}
+    eval_data = load_optional_splits(args.dataset, "preference", args.eval_splits, say=stage.print)  # absent/empty: skipped
     for split, ds in eval_data.items():
         require_columns(ds, PAIR_COLUMNS, f"{args.dataset} preference/{split}")
     references = load_processed_split(args.sft_dataset or args.dataset, "sft", "train") if args.normalize_reward else None
     if references is not None:
         require_columns(references, ["query_reference_response_token"], "SFT train (normalisation)")
-    tokenizer = stage.load_tokenizer(args.dataset, args.sft_model_path, args.allow_pad_equals_eos)
+    tokenizer = stage.load_tokenizer(args.dataset, model_path, args.allow_pad_equals_eos)
     total = args.total_episodes if args.total_episodes is not None else args.num_train_epochs * len(train)
-    plan = plan_batches(args.batch_size, args.local_micro_batch_size, stage.world_size, total, "reward model")
-    check_model_path(args.sft_model_path, "--sft_model_path")
-    stage.print(f"reward model: {len(train)} comparisons, {plan}")
+    if eval_only:  # no update: one micro-batch per process stands in for the plan the accelerator is built from
+        plan = BatchPlan(stage.world_size, args.local_micro_batch_size, 1, args.local_micro_batch_size * stage.world_size, 0)
+        check_model_path(model_path, "--reward_model_path")
+        stage.print(f"reward model: evaluating {model_path} (0 updates)")
+    else:
+        plan = plan_batches(args.batch_size, args.local_micro_batch_size, stage.world_size, total, "reward model")
+        check_model_path(args.sft_model_path, "--sft_model_path")
+        stage.print(f"reward model: {len(train)} comparisons, {plan}")
     stage.open_run()
 
     # ---- model: Detail 10/11, SFT backbone + Linear(d, 1) head ~ N(0, 1/sqrt(d+1)); dropout off (Detail 7)
     # Detail 10/11: SFT backbone + new head; Detail 7: dropout off.
-    model = disable_dropout(ScalarModel.from_backbone(args.sft_model_path))
-    check_vocabulary(model.config.backbone_config, tokenizer, args.sft_model_path)
+    # Evaluation only: the trained RM as saved, bias included (Detail 15).
+    # fp32 master weights (TRAINED_DTYPE, the loaders' default) whatever dtype the checkpoint records.
+    model = disable_dropout(ScalarModel.from_pretrained(model_path) if eval_only else ScalarModel.from_backbone(model_path))
+    check_vocabulary(model.config.backbone_config, tokenizer, model_path)
     optimizer, scheduler = make_optimizer_and_scheduler(model, args.lr, args.eps, args.scheduler, args.warm_up_steps, plan.num_updates)
     accelerator = stage.accelerator(plan)
     # The scheduler stays unprepared: accelerate would step it once per process per update.
@@ -121,7 +160,7 @@ def main(args: Args) -> dict[str, Any]:
 
     # ---- train: G-2, each comparison once per epoch across all processes (one sharded permutation)
     # Detail G-2: one sharded permutation per epoch (--per_rank_shuffle: the authors' per-rank permutations).
-    updates = training_schedule(len(train), plan, stage.rank, args.seed, args.per_rank_shuffle)
+    updates = [] if eval_only else training_schedule(len(train), plan, stage.rank, args.seed, args.per_rank_shuffle)
     model.train()
     start = time.time()
     for update, micro_batches in enumerate(stage.progress(updates, "RM updates"), start=1):
@@ -170,8 +209,8 @@ def main(args: Args) -> dict[str, Any]:
         metrics["eval/padding/mean_abs_diff"] = float(abs_diffs.mean())
         metrics["eval/padding/share_above_1e-2"] = float((abs_diffs > 1e-2).float().mean())
 
-    # ---- normalise on the SFT references; the bias is stored in the config and saved
-    if references is not None:  # Detail 15: references score 0 on average after this
+    # ---- normalise on the SFT references; the bias and the references' score statistics are stored in the config
+    if references is not None:  # Detail 15: references score 0 on average after this (a trained RM: measured only)
         n = len(references) if args.normalization_samples is None else min(args.normalization_samples, len(references))
         shard = shard_range(n, stage.rank, stage.world_size)
         scores = []
@@ -180,19 +219,23 @@ def main(args: Args) -> dict[str, Any]:
                 batch = references.select(range(start_index, min(start_index + args.local_eval_batch_size, shard.stop)))
                 scores.extend(sequence_scores(unwrapped, batch_tensor(batch, "query_reference_response_token", accelerator.device), pad).tolist())
         all_scores = gather_object(scores)
-        shift = float(torch.tensor(all_scores).mean())
+        shift = 0.0 if eval_only else float(torch.tensor(all_scores).mean())  # an evaluated RM keeps its bias
         bias = unwrapped.config.bias + shift
         unwrapped.config.bias = bias
-        metrics.update({"normalization/bias": bias, "normalization/references": len(all_scores)})
-        if stage.is_main:
+        # Detail 15: the references' scores under the normalised RM (mean ~0, std, min, max), saved with it.
+        unwrapped.config.normalization_stats = reference_score_stats(all_scores, shift)
+        metrics.update({"normalization/bias": bias, "normalization/references": len(all_scores),
+                        **{f"normalization/{k}": v for k, v in unwrapped.config.normalization_stats.items() if k != "count"}})
+        if stage.is_main and not eval_only:
             table = pd.read_csv(stage.run_dir / "eval_comparisons.csv")
             table[["chosen_score", "rejected_score"]] -= shift
             table.to_csv(stage.run_dir / "eval_comparisons.csv", index=False)
     stage.log({k: v for k, v in metrics.items() if k.count("/") <= 1 or k.startswith("eval/accuracy/split")}, plan.num_updates)
 
-    stage.save_model(accelerator, model, tokenizer)
+    if not eval_only:  # an evaluation-only run saves no model
+        stage.save_model(accelerator, model, tokenizer)
     summary = stage.finish({**metrics, "num_updates": plan.num_updates})
-    if args.push_to_hub and stage.is_main:
+    if args.push_to_hub and stage.is_main and not eval_only:
         summary["hub_url"] = push_run_to_hub(stage.run_dir / "model", args, stage.run_name, f"{Path(args.sft_model_path).name}__reward__tldr")
     return summary
 

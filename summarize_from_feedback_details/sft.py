@@ -30,6 +30,7 @@ from summarize_from_feedback_details.training import (
     check_model_path,
     evaluate_generations,
     load_causal_lm,
+    load_optional_splits,
     load_processed_split,
     make_optimizer_and_scheduler,
     require_columns,
@@ -58,6 +59,8 @@ class Args(TrainArgs):
     """splits sampled and scored with ROUGE at the end"""
     max_eval_samples: int | None = None
     """score only the first N queries of each split (default: all)"""
+    rouge_stemmer: bool = False
+    """Detail 9: Porter-stem words before ROUGE (the authors' `evaluate` default does not; stemming adds ~0.01 to ROUGE-L)"""
     eval_before_training: bool = False
     """also score the untrained base model (metrics prefixed `base/`)"""
     gold_eval: bool = False
@@ -83,7 +86,7 @@ def main(args: Args) -> dict[str, Any]:
     # Detail 9: the loss covers query + reference (pads ignored); --completion_only_loss masks the query.
     label_column = "query_reference_response_token_response_label" if args.completion_only_loss else "query_reference_response_token"
     require_columns(train, ["query_reference_response_token", label_column], f"{args.dataset} sft/train")
-    eval_data = {split: load_processed_split(args.dataset, "sft", split) for split in args.eval_splits}
+    eval_data = load_optional_splits(args.dataset, "sft", args.eval_splits, say=stage.print)  # absent/empty: skipped
     for split, ds in eval_data.items():
         require_columns(ds, ["query_token", "query_reference_response_token", label_column, "reference_response"], f"{args.dataset} sft/{split}")
     tokenizer = stage.load_tokenizer(args.dataset, args.base_model, args.allow_pad_equals_eos)
@@ -95,7 +98,7 @@ def main(args: Args) -> dict[str, Any]:
     stage.open_run()
 
     # ---- model: the policy starts from the base model, dropout off (Detail 7)
-    model = load_causal_lm(args.base_model, tokenizer)  # Detail 7: dropout off
+    model = load_causal_lm(args.base_model, tokenizer)  # Detail 7: dropout off; fp32 master weights (TRAINED_DTYPE)
     # Detail G-1: AdamW, one learning rate, eps 1e-5; Detail 9: cosine schedule without warm-up.
     optimizer, scheduler = make_optimizer_and_scheduler(model, args.lr, args.eps, args.scheduler, args.warm_up_steps, plan.num_updates)
     accelerator = stage.accelerator(plan)  # Detail 8: accelerate data parallelism, DeepSpeed ZeRO-2 with --deepspeed

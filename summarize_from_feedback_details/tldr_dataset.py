@@ -82,10 +82,18 @@ class Args:
     """Detail 2.2: `paragraph` drops the post's last paragraph until the query fits; `hard` (ablation) cuts the post mid-text at a token boundary"""
     leading_space: bool = True
     """Detail 3.1: completions start with exactly one space (the query ends at `TL;DR:`)"""
+    single_leading_space: bool = True
+    """Detail 3.1: a completion's own leading spaces are replaced by the one space, whatever the text starts with;
+    off: the released code's handling (an SFT reference gets one space before its text as it is, a comparison summary
+    is kept as it is: OpenAI's start with one space, a text with none or several keeps that)"""
     append_eos: bool = True
     """Detail 3.1: completions end with the EOS token so the model learns to stop"""
     pad_token: PadChoice = "[PAD]"
     """Detail 3.2: dedicated `[PAD]`; `eos` pads with EOS (ablation only, breaks stopping)"""
+    decode_cleanup: bool = False
+    """Detail 2.4: the authors' released processing: the `query` text goes through transformers 4's tokenization
+    clean-up (" ." -> ".", " 's" -> "'s", ...), the query+response columns are built from it and their `_response_label`
+    hides as many positions as the exact query had tokens (default: OpenAI's exact text throughout)"""
     check_length_correctness: bool = True
     """Detail 4: error unless the measured length maxima equal `lengths` (off: over-long rows are cut, with a warning)"""
     cnndm_batches: tuple[str, ...] = CNNDM_BATCHES
@@ -117,6 +125,21 @@ class QueryFormat:
 
 class QueryTooLongError(UserInputError):
     pass
+
+
+# Detail 2.4: transformers 4's `clean_up_tokenization` (applied by `decode` by default before transformers 5, which
+# skips it for BPE tokenizers), in its order. The authors' `query` strings went through it.
+CLEANUP_REPLACEMENTS = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """Detail 2.4: `text` with the spaces before punctuation and English contractions removed, as transformers 4 did."""
+    for old, new in CLEANUP_REPLACEMENTS:
+        text = text.replace(old, new)
+    return text
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -165,18 +188,25 @@ def truncate_to_fit(fields: dict[str, str], fmt: QueryFormat, tokenizer: Any, tr
     return tokens
 
 
-def process_query(row: dict[str, Any], fmt: QueryFormat, tokenizer: Any, truncation: str = "paragraph") -> dict[str, Any]:
+def process_query(
+    row: dict[str, Any], fmt: QueryFormat, tokenizer: Any, truncation: str = "paragraph", decode_cleanup: bool = False
+) -> dict[str, Any]:
     """Format, truncate (Detail 2.2) and left-pad (Detail 2.3) one query.
 
     Returns `query_token` (exactly `fmt.length` ids, left-padded with the pad id), `query` (the decoded
-    query without pads, left-stripped), `query_token_len` (the unpadded length) and the possibly cut
-    value of the truncate field.
+    query without pads, left-stripped; with `decode_cleanup` cleaned up as the authors' was, Detail 2.4),
+    `query_token_len` (the unpadded length of `query_token`) and the possibly cut value of the truncate field.
     """
     fields = {key: ("" if value is None else value) for key, value in row.items()}
     tokens = truncate_to_fit(fields, fmt, tokenizer, truncation)
     # Detail 2.3: pad on the LEFT so every query ends at the same position, right before the response.
     query_token = pad_tokens(tokens, fmt.length, tokenizer.pad_token_id, side="left")
-    query = tokenizer.decode(tokens, clean_up_tokenization_spaces=False).lstrip()
+    query = tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
+    if decode_cleanup:
+        # Detail 2.4: only the decoded `query` string is cleaned, as in the authors' code: the truncation loop and
+        # `query_token` keep the exact text's tokens; the query+response columns are re-tokenized from this string.
+        query = clean_up_tokenization(query)
+    query = query.lstrip()
     return {
         "query_token": query_token,
         "query": query,
@@ -195,16 +225,23 @@ def pad_tokens(tokens: Sequence[int], length: int, pad_id: int, side: Literal["l
 # ----------------------------------------------------------------------------------------------
 # Detail 3: responses
 # ----------------------------------------------------------------------------------------------
-def format_completion(text: str, eos_token: str, leading_space: bool = True, append_eos: bool = True) -> str:
+def format_completion(
+    text: str, eos_token: str, leading_space: bool = True, append_eos: bool = True, released: Literal["prepend", "keep"] | None = None,
+) -> str:
     """Detail 3.1: a completion is `" " + text + EOS`.
 
     The SFT summaries have no leading space and the comparison summaries already start with one; both
-    come out with exactly one. The ablations drop the space or the EOS.
+    come out with exactly one. The ablations drop the space or the EOS. `released` (--no-single_leading_space) is
+    the released code's handling instead, which never strips: "prepend" one space to the text as it is (their SFT
+    references), "keep" the text as it is (their comparison summaries).
     """
     # Detail 3.1: the query ends at "TL;DR:", so the completion carries the space and the EOS.
-    text = text.lstrip(" ")
-    if leading_space:
-        text = " " + text
+    if leading_space and released is not None:
+        text = " " + text if released == "prepend" else text
+    else:
+        text = text.lstrip(" ")
+        if leading_space:
+            text = " " + text
     if append_eos:
         text = text + eos_token
     return text
@@ -239,11 +276,22 @@ def tokenize_completion(
 # ----------------------------------------------------------------------------------------------
 # Row processing (one function per dataset, used by `datasets.map`)
 # ----------------------------------------------------------------------------------------------
+def label_query_length(query: dict[str, Any], tokenizer: Any, decode_cleanup: bool) -> int:
+    """How many leading positions of `query.strip() + completion` the `_response_label` columns hide: the tokens of
+    `query.strip()`. With `decode_cleanup` (Detail 2.4) the authors' count, the tokens of the exact query text
+    (`query_token` unpadded): it misses the cleaned query's own count by a token or two on ~1.7% of real posts, and
+    for CNN/DM queries (which end in "\n", stripped) it is one more, so their label also hides the response's first token."""
+    if decode_cleanup:
+        return query["query_token_len"]
+    return len(encode(tokenizer, query["query"].strip()))
+
+
 def process_sft_row(row: dict[str, Any], *, tokenizer: Any, args: Args) -> dict[str, Any]:
     fmt = QueryFormat(TLDR_QUERY_FORMAT, "post", args.lengths.query)
-    query = process_query({k: row[k] for k in ("subreddit", "title", "post")}, fmt, tokenizer, args.truncation)
-    reference = format_completion(row["summary"], tokenizer.eos_token, args.leading_space, args.append_eos)
-    query_len = len(encode(tokenizer, query["query"].strip()))
+    query = process_query({k: row[k] for k in ("subreddit", "title", "post")}, fmt, tokenizer, args.truncation, args.decode_cleanup)
+    reference = format_completion(row["summary"], tokenizer.eos_token, args.leading_space, args.append_eos,
+                                  None if args.single_leading_space else "prepend")  # Detail 3.1
+    query_len = label_query_length(query, tokenizer, args.decode_cleanup)
     tokens = tokenize_completion(
         query["query"], reference, tokenizer, args.lengths.sft_response, args.lengths.sft_query_response, query_len
     )
@@ -273,12 +321,13 @@ def process_preference_row(row: dict[str, Any], *, tokenizer: Any, args: Args) -
     query_fields = {"article": info.get("article")} if fmt.truncate_field == "article" else {
         k: info.get(k) for k in ("subreddit", "title", "post")
     }
-    query = process_query(query_fields, fmt, tokenizer, args.truncation)
+    query = process_query(query_fields, fmt, tokenizer, args.truncation, args.decode_cleanup)
     choice = int(row["choice"])
     out: dict[str, Any] = dict(query)
-    query_len = len(encode(tokenizer, query["query"].strip()))
+    query_len = label_query_length(query, tokenizer, args.decode_cleanup)
     for name, summary in (("chosen", row["summaries"][choice]), ("rejected", row["summaries"][1 - choice])):
-        completion = format_completion(summary["text"], tokenizer.eos_token, args.leading_space, args.append_eos)
+        completion = format_completion(summary["text"], tokenizer.eos_token, args.leading_space, args.append_eos,
+                                       None if args.single_leading_space else "keep")  # Detail 3.1
         tokens = tokenize_completion(query["query"], completion, tokenizer, response_length, query_response_length, query_len)
         out[name] = completion
         out[f"{name}_token"] = tokens["response_token"]
@@ -350,6 +399,33 @@ def check_sft_rows(raw: Any) -> None:
             where = f"SFT split {split!r} row {index} (id {row['id']!r})"
             for name in SFT_FIELDS:
                 _check_text(row[name], where, name)
+
+
+def fill_optional_columns(raw: Any) -> Any:
+    """Comparisons without an `extra` column (bring-your-own data with no labeller confidence) get a null one: the
+    confidence is optional row by row anyway (null in some real batches) and the later stages read the column."""
+    import datasets
+
+    return datasets.DatasetDict({
+        split: ds if "extra" in ds.column_names else ds.add_column("extra", [None] * len(ds)) for split, ds in raw.items()
+    })
+
+
+def drop_empty_splits(raw: Any, name: str, cnndm_batches: Sequence[str]) -> Any:
+    """Leave the splits without rows out of the output, each with one line; an empty train split is an error.
+
+    Bring-your-own comparisons without CNN/DM rows leave `validation_cnndm` empty. An empty split gets none of
+    the processed columns (`map` runs on no row) and `save_to_disk` writes it without a data file, which
+    `load_from_disk` cannot read; left out, the stages skip it as an absent evaluation split.
+    """
+    import datasets
+
+    if len(raw["train"]) == 0:
+        raise UserInputError(f"{name} split 'train' has no rows; the stages train on it: pass data with train rows")
+    for split in [split for split, ds in raw.items() if len(ds) == 0]:
+        why = f" (no comparison is in a CNN/DM batch {list(cnndm_batches)})" if split == "validation_cnndm" else ""
+        print(f"{name} split {split!r} has no rows{why}: left out of the output; the stages skip it")
+    return datasets.DatasetDict({split: ds for split, ds in raw.items() if len(ds)})
 
 
 def check_preference_rows(raw: Any, cnndm_batches: Sequence[str]) -> None:
@@ -464,12 +540,13 @@ def measure_length_maxima(sft: Any, preference: Any) -> dict[str, int]:
     return maxima
 
 
-def check_length_maxima(measured: dict[str, int], lengths: Lengths, strict: bool) -> list[str]:
+def check_length_maxima(measured: dict[str, int], lengths: Lengths, strict: bool, decode_cleanup: bool = False) -> list[str]:
     """Compare measured maxima with the configuration.
 
     Responses and query+responses must match exactly (longer rows would be cut, losing their EOS; shorter
     maxima mean the configuration does not describe this data). Queries are truncated to fit, so they
-    only must not exceed. Returns the problems; raises when `strict`.
+    only must not exceed. Returns the problems; raises when `strict`. The default (pythia) lengths 562, 638, ...
+    are the authors' maxima, measured on their cleaned query text: without `decode_cleanup` the error says so.
     """
     problems = []
     for name, value in measured.items():
@@ -477,9 +554,13 @@ def check_length_maxima(measured: dict[str, int], lengths: Lengths, strict: bool
         if value > configured or (value != configured and name not in ("query", "cnndm_query")):
             problems.append(f"{name}: measured max {value} != configured {configured} (--lengths.{name} {value})")
     if problems and strict:
+        # Detail 2.4: the query+response maxima depend on the query text, exact (default) or cleaned (the authors').
+        cleanup = "" if decode_cleanup or lengths != Lengths() else (
+            " (the pythia defaults are the authors' maxima, measured on their cleaned query text: --decode_cleanup "
+            "reproduces their processing and their numbers)")
         raise UserInputError(
-            "Detail 4 length check failed: " + "; ".join(problems) + ". Set the lengths to the measured maxima, "
-            "or pass --no-check_length_correctness to cut over-long rows to the configured shapes"
+            "Detail 4 length check failed: " + "; ".join(problems) + ". Set the lengths to the measured maxima" + cleanup
+            + ", or pass --no-check_length_correctness to cut over-long rows to the configured shapes"
         )
     return problems
 
@@ -500,6 +581,7 @@ Pre-processed with `summarize_from_feedback_details.tldr_dataset` (OpenAI's TL;D
 
 * tokenizer: `{args.base_model}` with pad token `{args.pad_token}` (Detail 3.2)
 * query format: `{TLDR_QUERY_FORMAT!r}`, truncated at the post's last paragraph ({args.truncation}), left-padded to {args.lengths.query} tokens
+* decoded `query` text cleaned up as the authors' (transformers 4) was: {args.decode_cleanup} (Detail 2.4)
 * CNN/DM batches {list(args.cnndm_batches)} in `validation_cnndm` with format `{CNNDM_QUERY_FORMAT!r}`, length {args.lengths.cnndm_query}
 * completions: leading space {args.leading_space}, EOS appended {args.append_eos}
 * measured length maxima: `{json.dumps(maxima)}`
@@ -556,7 +638,7 @@ def main(args: Args) -> dict[str, Any]:
 
     # Detail 1: two datasets with fixed splits; check every row before any tokenization.
     sft_raw = load_raw(args.sft_dataset, SFT_SPLITS)
-    preference_raw = load_raw(args.preference_dataset, PREFERENCE_SPLITS, args.preference_config)
+    preference_raw = fill_optional_columns(load_raw(args.preference_dataset, PREFERENCE_SPLITS, args.preference_config))
     check_sft_rows(sft_raw)
     check_preference_rows(preference_raw, args.cnndm_batches)
 
@@ -568,6 +650,8 @@ def main(args: Args) -> dict[str, Any]:
         validation=validation.filter(lambda batch: batch not in cnndm, input_columns="batch"),
         validation_cnndm=validation.filter(lambda batch: batch in cnndm, input_columns="batch"),
     )
+    sft_raw = drop_empty_splits(sft_raw, "SFT", args.cnndm_batches)
+    preference_raw = drop_empty_splits(preference_raw, "preference", args.cnndm_batches)
 
     check_queries_can_fit(sft_raw, preference_raw, tokenizer, args)
 
@@ -577,7 +661,7 @@ def main(args: Args) -> dict[str, Any]:
 
     # Detail 4: the measured maxima must be the configured shapes.
     maxima = measure_length_maxima(sft, preference)
-    problems = check_length_maxima(maxima, args.lengths, strict=args.check_length_correctness)
+    problems = check_length_maxima(maxima, args.lengths, strict=args.check_length_correctness, decode_cleanup=args.decode_cleanup)
     for problem in problems:
         print(f"warning: {problem} (rows longer than configured are cut)")
     print("measured length maxima:", json.dumps(maxima))

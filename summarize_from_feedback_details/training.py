@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from summarize_from_feedback_details.core import (
     atomic_directory,
     check_pad_token,
     column,
+    load_saved_split,
     load_tokenizer,
     looks_like_local_path,
     make_run_name,
@@ -23,6 +25,7 @@ from summarize_from_feedback_details.core import (
     write_json,
 )
 from summarize_from_feedback_details.modeling import (
+    TRAINED_DTYPE,
     disable_dropout,
     dropout_free_config,
     generate,
@@ -229,7 +232,31 @@ class Stage:
 # ----------------------------------------------------------------------------------------------
 def load_processed_split(dataset: str, name: str, split: str) -> Any:
     """Split `split` of the processed `name` dataset ("sft" or "preference"): `{dataset}/{name}` written by
-    `tldr_dataset`, or a hub id of a processed dataset."""
+    `tldr_dataset`, or a hub id of a processed dataset. A split the stage needs (train) must hold rows."""
+    loaded = _processed_split(dataset, name, split)
+    if loaded is None:
+        raise UserInputError(f"the processed dataset {dataset!r} has no rows in {name}/{split} (absent or empty); "
+                             f"rerun tldr_dataset with {split} data, or pass a dataset that has it")
+    return loaded
+
+
+def load_optional_splits(dataset: str, name: str, splits: Sequence[str], say: Callable[[str], Any] = print) -> dict[str, Any]:
+    """The evaluation splits among `splits` that hold rows; each absent or empty one is skipped with one line said
+    by `say`. Bring-your-own data: comparisons without CNN/DM rows have no `validation_cnndm`, whatever the
+    stage's default `--eval_splits`."""
+    loaded = {}
+    for split in splits:
+        data = _processed_split(dataset, name, split)
+        if data is None:
+            say(f"skipping {name}/{split}: the processed dataset {dataset!r} has no rows there (absent or empty split)")
+        else:
+            loaded[split] = data
+    return loaded
+
+
+def _processed_split(dataset: str, name: str, split: str) -> Any | None:
+    """Split `split` of the processed `name` dataset, or None when it is absent or has no rows. Local splits are
+    read one at a time (`core.load_saved_split`): an empty split saved next to them must not break the others."""
     import datasets
 
     if looks_like_local_path(dataset):
@@ -239,14 +266,14 @@ def load_processed_split(dataset: str, name: str, split: str) -> Any:
                 f"{path} does not exist: --dataset must be a directory written by tldr_dataset (run "
                 "`python -m summarize_from_feedback_details.tldr_dataset embedded` first) or a hub id"
             )
-        loaded = datasets.load_from_disk(str(path))
-        if split not in loaded:
-            raise UserInputError(f"{path} has no split {split!r} (it has {list(loaded)})")
-        return loaded[split]
+        return load_saved_split(path, split)
     try:
-        return datasets.load_dataset(dataset, split=split)
+        if split not in datasets.get_dataset_split_names(dataset):
+            return None
+        loaded = datasets.load_dataset(dataset, split=split)
     except Exception as error:  # noqa: BLE001 - any hub failure is reported as one line
         raise UserInputError(f"cannot load split {split!r} of the dataset {dataset!r}: {error}") from error
+    return loaded if len(loaded) else None
 
 
 def require_columns(dataset: Any, columns: list[str], what: str) -> None:
@@ -260,13 +287,14 @@ def check_model_path(path: str, what: str) -> None:
         raise UserInputError(f"{what} {path!r} is not a saved model (no config.json there); check the path or run the stage that makes it")
 
 
-def load_causal_lm(path: str, tokenizer: Any) -> Any:
-    """A causal LM with dropout off (Detail 7) whose embedding holds the tokenizer's [PAD] id."""
+def load_causal_lm(path: str, tokenizer: Any, dtype: Any = TRAINED_DTYPE) -> Any:
+    """A causal LM with dropout off (Detail 7) whose embedding holds the tokenizer's [PAD] id, in `dtype` (fp32 for
+    a trained model; frozen ones pass FROZEN_DTYPE), never the dtype its config records (Pythia's says float16)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_model_path(path, "model")
     config = dropout_free_config(AutoConfig.from_pretrained(path))
-    model = AutoModelForCausalLM.from_pretrained(path, config=config)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     check_vocabulary(model.config, tokenizer, path)
     return disable_dropout(model)
 
@@ -321,11 +349,15 @@ def response_texts(tokenizer: Any, responses: Any) -> tuple[list[str], list[int]
     return texts, lengths, has_eos
 
 
-def rouge_scores(references: list[str], predictions: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1 with the `rouge-score` package (stemming on)."""
+def rouge_scores(references: list[str], predictions: list[str], use_stemmer: bool = False) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 over the pairs with `rouge-score`'s `RougeScorer` and its default tokenizer
+    (lower-cased runs of [a-z0-9]). Porter stemming only with `use_stemmer` (`--rouge_stemmer`)."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    # Detail 9: the authors scored with the `evaluate` package's `rouge`, which builds this same scorer with
+    # `use_stemmer=False` unless told otherwise. Stemming adds ~0.01 to ROUGE-L (OpenAI's 1.3B PPO samples vs the
+    # references: 0.2477 -> 0.2573). evaluate reports the median of bootstrap-resampled means; we report the mean.
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=use_stemmer)
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for reference, prediction in zip(references, predictions, strict=True):
         for key, score in scorer.score(reference, prediction).items():
@@ -399,7 +431,7 @@ def evaluate_generations(
             path = stage.run_dir / f"{table_name or prefix + '_query_responses'}_{split}"
             table.to_csv(path.with_suffix(".csv"), index=False)
             table.to_parquet(path.with_suffix(".parquet"), index=False)
-            metrics.update({f"{prefix}/{split}/{k}": v for k, v in generation_metrics(table).items()})
+            metrics.update({f"{prefix}/{split}/{k}": v for k, v in generation_metrics(table, args.rouge_stemmer).items()})
             if loss_fn is not None:
                 metrics[f"{prefix}/{split}/loss"] = sum(s for s, _ in losses) / max(1, sum(c for _, c in losses))
     metrics = gather_object([metrics])[0] if stage.world_size > 1 else metrics
@@ -417,9 +449,10 @@ def gold_utility(query: str, response: str, reference: str) -> dict[str, float]:
     return {"gold_utility": response_utility, "reference_gold_utility": reference_utility, "gold_win": win}
 
 
-def generation_metrics(table: Any) -> dict[str, float]:
-    """Means over a query-response table: ROUGE, length, EOS rate, RM scores and gold utility when present."""
-    metrics = rouge_scores(list(table["reference"]), list(table["response"]))
+def generation_metrics(table: Any, rouge_stemmer: bool = False) -> dict[str, float]:
+    """Means over a query-response table: ROUGE (stemmed with `rouge_stemmer`), length, EOS rate, RM scores and
+    gold utility when present."""
+    metrics = rouge_scores(list(table["reference"]), list(table["response"]), use_stemmer=rouge_stemmer)
     metrics["response_token_len"] = float(table["response_token_len"].mean())
     metrics["eos_rate"] = float(table["has_eos"].mean())
     for name in ("score", "reference_score", "gold_utility", "reference_gold_utility"):
@@ -433,8 +466,13 @@ def generation_metrics(table: Any) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 # Comparisons: reward-model and DPO implicit-reward accuracy (Details 16, 19)
 # ----------------------------------------------------------------------------------------------
+COMPARISON_COLUMNS = ["split", "batch", "confidence", "policies", "chosen_policy", "rejected_policy", "chosen_score", "rejected_score"]
+"""the columns of `eval_comparisons.csv` (before `correct` and `margin`)"""
+
+
 def comparison_rows(batch: Any, split: str, chosen: list[float], rejected: list[float]) -> list[dict[str, Any]]:
-    """One row per comparison of `batch` with its labels and the two scores (the calibration figure reads these)."""
+    """One row per comparison of `batch` with its labels and the two scores (the calibration figure reads these).
+    `confidence` is None where the comparison has none (`extra` or `extra.confidence` null)."""
     rows = []
     for k, (extra, batch_name) in enumerate(zip(column(batch, "extra"), column(batch, "batch"), strict=True)):
         rows.append({
@@ -463,7 +501,7 @@ def evaluate_comparisons(stage: Stage, comparisons: dict[str, Any], score_pairs:
     gathered = gather_object(rows)
     metrics: dict[str, float] = {}
     if stage.is_main:
-        table = pd.DataFrame(gathered)
+        table = pd.DataFrame(gathered, columns=COMPARISON_COLUMNS)  # the columns even when no split had rows
         table["correct"] = table["chosen_score"] > table["rejected_score"]
         table["margin"] = table["chosen_score"] - table["rejected_score"]
         table.to_csv(stage.run_dir / "eval_comparisons.csv", index=False)
@@ -472,10 +510,17 @@ def evaluate_comparisons(stage: Stage, comparisons: dict[str, Any], score_pairs:
 
 
 def accuracy_breakdown(table: Any) -> dict[str, float]:
-    """Details 16/19: accuracy overall, per split, per labelling batch and per confidence level."""
+    """Details 16/19: accuracy overall, per split, per labelling batch and per confidence level (1-9). Pairs without
+    a confidence (null in some real batches and in bring-your-own data) count overall, per split and per batch only;
+    no pairs at all (every evaluation split skipped): no metrics."""
+    if table.empty:
+        return {}
     # Detail 16: labelling batches and confidence levels differ in how learnable they are.
     metrics = {"eval/accuracy": float(table["correct"].mean())}
-    for key in ("split", "batch", "confidence"):
+    for key in ("split", "batch"):
         for value, group in table.groupby(key, dropna=False):
             metrics[f"eval/accuracy/{key}/{value}"] = float(group["correct"].mean())
+    rated = table.dropna(subset=["confidence"])  # a null among the levels makes them floats: 7.0, not 7
+    for value, group in rated.groupby(rated["confidence"].astype(int)):
+        metrics[f"eval/accuracy/confidence/{value}"] = float(group["correct"].mean())
     return metrics

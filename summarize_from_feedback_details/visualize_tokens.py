@@ -3,6 +3,7 @@
     python -m summarize_from_feedback_details.visualize_tokens          # after scripts/hello_world.sh
     python -m summarize_from_feedback_details.visualize_tokens --query_index 7 --html token_view.html
     python -m summarize_from_feedback_details.visualize_tokens --source sample --response_length 80
+    python -m summarize_from_feedback_details.visualize_tokens --rows reference ppo --ppo_samples_over_training
     python -m summarize_from_feedback_details.visualize_tokens --base_model EleutherAI/pythia-1b-deduped \\
         --dataset datasets/tldr --sft_run runs/<sft> --ppo_run runs/<ppo> --dpo_run runs/<dpo> \\
         --reward_model runs/<reward>/model
@@ -18,7 +19,9 @@ The responses come from the stages' `query_responses` tables (`--source tables`,
 re-sampling; the table's text is re-tokenized as `" " + response` plus EOS when the table says it had
 one) or are sampled now with the pipeline's sampler (`--source sample`: T 0.01, `--response_length`
 tokens, EOS does not stop sampling and the tokens after it become [PAD], Details 23.1-23.2). The
-`reference` row is the dataset's exact reference tokens. Output: rich terminal text and, with
+`reference` row is the dataset's exact reference tokens. `--ppo_samples_over_training` replaces the PPO row
+by the PPO policy's response at every update ppo.py kept (`{ppo_run}/samples/update_{k}`, its
+--save_samples_every tables of the per-update validation batch). Output: rich terminal text and, with
 `--html`, one self-contained HTML file.
 """
 
@@ -78,6 +81,9 @@ class Args:
     """PPO run directory (query_responses tables, model/); or, to sample, a model path / hub id"""
     dpo_run: str | None = "runs/dpo_embedded"
     """DPO run directory (query_responses tables, model/); or, to sample, a model path / hub id"""
+    ppo_samples_over_training: bool = False
+    """replace the ppo row by one row per update ppo.py saved (`{ppo_run}/samples/update_{k}`, --save_samples_every):
+    the response to this query over training (tables of the per-update validation batch, its first queries only)"""
     reward_model: str | None = "runs/reward_embedded/model"
     """reward model (ScalarModel checkpoint of reward.py) whose per-token outputs are shown; None: none"""
     response_length: int = 80
@@ -188,8 +194,11 @@ def table_path(run: str, stem: str, split: str) -> Path | None:
     return None
 
 
-def read_table_row(path: Path, index: int, query: str) -> dict[str, Any]:
-    """Row `index` of a stage's query-response table; refuses a table made for other queries."""
+def read_table_row(
+    path: Path, index: int, query: str, limit: str = "the stage evaluated the first --max_eval_samples rows"
+) -> dict[str, Any]:
+    """Row `index` of a stage's query-response table; refuses a table made for other queries. `limit` says
+    which rows such a table holds (for the error when `index` is beyond them)."""
     import pandas as pd
 
     table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
@@ -200,8 +209,8 @@ def read_table_row(path: Path, index: int, query: str) -> dict[str, Any]:
         )
     if index >= len(table):
         raise UserInputError(
-            f"{path} has {len(table)} rows, so --query_index {index} is not in it (the stage evaluated "
-            f"the first --max_eval_samples rows); choose a smaller --query_index or use --source sample"
+            f"{path} has {len(table)} rows, so --query_index {index} is not in it ({limit}); "
+            "choose a smaller --query_index or use --source sample"
         )
     row = table.iloc[index].to_dict()
     if str(row["query"]).strip() != query.strip():
@@ -225,6 +234,31 @@ class RowPlan:
     table: Path | None = None
     table_row: dict[str, Any] | None = None
     model: str | None = None
+    label: str | None = None
+    """the row's title (default: ROW_LABELS[name])"""
+
+
+def ppo_sample_plans(run: str, query_index: int, query: str) -> list[RowPlan]:
+    """--ppo_samples_over_training: one row per sample table ppo.py saved (`samples/update_{k}.parquet|csv`,
+    --save_samples_every), in update order, each the PPO policy's response to the query after k updates."""
+    import re
+
+    tables: dict[int, Path] = {}
+    for path in sorted((Path(run) / "samples").glob("update_*"), key=lambda p: p.suffix != ".parquet"):
+        match = re.fullmatch(r"update_(\d+)\.(parquet|csv)", path.name)
+        if match:
+            tables.setdefault(int(match.group(1)), path)  # parquet first, else csv
+    if not tables:
+        raise UserInputError(
+            f"no samples/update_*.parquet or .csv in --ppo_run {run!r}; ppo.py writes them with --save_samples_every "
+            "(or drop --ppo_samples_over_training)"
+        )
+    limit = "the tables hold ppo.py's per-update validation batch: --local_eval_batch_size x processes queries"
+    return [
+        RowPlan(f"ppo_update_{k}", table=path, table_row=read_table_row(path, query_index, query, limit),
+                label=f"PPO after {k} updates" + (" (the SFT policy)" if k == 0 else ""))
+        for k, path in sorted(tables.items())
+    ]  # fmt: skip
 
 
 def plan_rows(args: Args, query: str) -> list[RowPlan]:
@@ -243,6 +277,9 @@ def plan_rows(args: Args, query: str) -> list[RowPlan]:
             continue
         if run is None:
             raise UserInputError(f"the {name} row needs --{run_field} (or leave it out with --rows)")
+        if name == "ppo" and args.ppo_samples_over_training:
+            plans.extend(ppo_sample_plans(run, args.query_index, query))
+            continue
         if args.source == "sample":
             model = policy_model_path(run)
             check_model_path(model, f"--{run_field}")
@@ -272,6 +309,13 @@ def check_args(args: Args) -> None:
         raise UserInputError(f"--temperature must be > 0, got {args.temperature}")
     if args.pads_shown < 0:
         raise UserInputError(f"--pads_shown must be >= 0, got {args.pads_shown}")
+    if args.ppo_samples_over_training:
+        if args.source != "tables":
+            raise UserInputError("--ppo_samples_over_training reads the sample tables ppo.py saved: use --source tables")
+        if "ppo" not in args.rows:
+            raise UserInputError("--ppo_samples_over_training replaces the ppo row: name ppo in --rows")
+        if args.split != "validation":
+            raise UserInputError(f"ppo.py's sample tables hold validation queries: use --split validation, not {args.split!r}")
 
 
 def load_dataset_tokenizer(dataset: str, base_model: str) -> Any:
@@ -292,6 +336,7 @@ def build_view(args: Args) -> TokenView:
     import torch
 
     from summarize_from_feedback_details.modeling import (
+        FROZEN_DTYPE,
         ScalarModel,
         disable_dropout,
         model_inputs,
@@ -331,7 +376,7 @@ def build_view(args: Args) -> TokenView:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # (1, query length), left-padded (Detail 2.3)
     query = torch.tensor(column(example, "query_token"), device=device)
-    base = load_causal_lm(args.base_model, tokenizer).to(device).eval()
+    base = load_causal_lm(args.base_model, tokenizer, dtype=FROZEN_DTYPE).to(device).eval()
 
     rows: list[TokenRow] = []
     for plan in plans:
@@ -357,7 +402,7 @@ def build_view(args: Args) -> TokenView:
             model = (
                 base
                 if plan.model == args.base_model
-                else load_causal_lm(plan.model, tokenizer).to(device).eval()
+                else load_causal_lm(plan.model, tokenizer, dtype=FROZEN_DTYPE).to(device).eval()
             )
             generator = torch.Generator(device=device).manual_seed(args.seed)
             with torch.no_grad():
@@ -373,7 +418,7 @@ def build_view(args: Args) -> TokenView:
         rows.append(
             TokenRow(
                 plan.name,
-                ROW_LABELS[plan.name],
+                plan.label or ROW_LABELS[plan.name],
                 source,
                 ids,
                 [display_text(tokenizer, t, k) for t, k in zip(ids, kinds, strict=True)],
@@ -393,7 +438,7 @@ def build_view(args: Args) -> TokenView:
     del base
 
     if args.reward_model is not None:
-        reward_model = disable_dropout(ScalarModel.from_pretrained(args.reward_model)).to(device).eval()
+        reward_model = disable_dropout(ScalarModel.from_pretrained(args.reward_model, dtype=FROZEN_DTYPE)).to(device).eval()
         check_vocabulary(reward_model.config, tokenizer, args.reward_model)
         with torch.no_grad():
             for row in rows:
@@ -405,7 +450,7 @@ def build_view(args: Args) -> TokenView:
                     row.notes.append("no EOS: PPO would score it -1 instead (Detail 23.3)")
 
     settings = {
-        "source": args.source,
+        "source": args.source + (" (PPO: samples over training)" if args.ppo_samples_over_training else ""),
         "base_model": args.base_model,
         "reward_model": args.reward_model,
         "dataset": args.dataset,

@@ -130,9 +130,11 @@ def reward_run(sft_run, embedded_dataset, runs_dir) -> Path:
     return runs_dir / "reward"
 
 
-# A short PPO run: 24 updates of 32 rollouts (the hello world runs the full embedded preset).
+# A short PPO run: 24 updates of 32 rollouts (the hello world runs the full embedded preset); sample tables
+# before the first update and after updates 8, 16, 24 (tests/test_fidelity_outputs.py).
 PPO_TEST_ARGS = ["--total_episodes", "768", "--batch_size", "32", "--local_rollout_forward_batch_size", "32",
-                 "--local_micro_batch_size", "32", "--max_eval_samples", "100", "--eval_every", "4", "--logging_steps", "4"]
+                 "--local_micro_batch_size", "32", "--max_eval_samples", "100", "--eval_every", "4", "--logging_steps", "4",
+                 "--save_samples_every", "8"]
 
 
 def _stage_common(sft_run: Path, reward_run: Path, dataset: Path, runs_dir: Path) -> list[str]:

@@ -29,9 +29,11 @@ from summarize_from_feedback_details.ppo import (
     penalize_missing_eos,
     per_token_rewards,
     plan_ppo,
+    policy_statistics,
     ppo_losses,
     prompt_batches,
     response_masks,
+    update_statistics,
     whiten_advantages,
     whiten_rewards,
 )
@@ -239,3 +241,53 @@ def test_first_minibatch_ratio_is_one_and_rollout_logprobs_match_training(scale)
         assert out["pg_clipfrac"].item() == 0.0
     else:
         assert out["approxkl"].item() > 1e-5  # the KL and the ratio are wrong without P-1 (random logits are flat, so it is small)
+
+
+def test_logged_statistics_as_released_or_masked():
+    """P-5, hand-computed: by default the released code's logging, means over every response position (padding:
+    ratio 1, never clipped, the entropy of its logits; objective/entropy adds -INVALID_LOGPROB = -1 per padding
+    position) and one ratio per micro-batch; --masked_statistics averages over the valid tokens only."""
+    padding = torch.tensor([[F, F, T]])
+    zeros = torch.zeros(1, 3)
+    # the hand case of test_ppo_losses_by_hand: ratio e^0.5 on the two valid tokens, the first one clipped
+    out = ppo_losses(torch.tensor([[0.5, 0.5, INVALID_LOGPROB]]), torch.tensor([[0.0, 0.0, INVALID_LOGPROB]]),
+                     torch.tensor([[1.0, -2.0, 0.0]]), zeros, zeros, zeros, padding, padding, 0.2, 0.2, 0.1)
+    ratio = torch.exp(torch.tensor(0.5)).item()
+    assert out["ratios"][0].tolist() == pytest.approx([ratio, ratio, 1.0]) and out["clipped"][0].tolist() == [T, F, F]
+    entropy = torch.tensor([[1.0, 2.0, 6.0]])
+    released, kept = policy_statistics(entropy, out["ratios"], out["clipped"], padding, masked=False)
+    assert released["entropy"].item() == pytest.approx(3.0) and released["pg_clipfrac"].item() == pytest.approx(1 / 3)
+    assert kept.tolist() == pytest.approx([(2 * ratio + 1) / 3])
+    masked, kept = policy_statistics(entropy, out["ratios"], out["clipped"], padding, masked=True)
+    assert masked["entropy"].item() == pytest.approx(1.5) and masked["pg_clipfrac"].item() == pytest.approx(0.5)
+    assert kept.tolist() == pytest.approx([ratio, ratio])
+
+    batch = {"padding_mask": padding, "logprobs": torch.tensor([[-1.0, -2.0, INVALID_LOGPROB]]), "kl": zeros,
+             "non_score_reward": zeros, "scores": torch.zeros(1), "postprocessed": torch.tensor([[5, EOS, PAD]]),
+             "responses": torch.tensor([[5, EOS, 7]]), "sequence_lengths": torch.tensor([1])}
+    stats = {k: [torch.tensor(0.0)] for k in ("approxkl", "pg_clipfrac", "entropy", "pg_loss", "vf_loss", "vf_clipfrac")}
+    micro_batch_means = [torch.tensor([1.0]), torch.tensor([1.2]), torch.tensor([1.4])]
+    logged = update_statistics(batch, stats, micro_batch_means, EOS)
+    assert logged["objective/entropy"].item() == pytest.approx(1 + 2 - 1)  # the released sum, the sentinel included
+    assert logged["val/ratio"].item() == pytest.approx(1.2)
+    assert logged["val/ratio_var"].item() == pytest.approx(0.04)  # unbiased: (0.2^2 + 0 + 0.2^2) / 2
+    assert update_statistics(batch, stats, micro_batch_means, EOS, masked=True)["objective/entropy"].item() == pytest.approx(3.0)
+    assert Args().masked_statistics is False
+
+
+def test_logprob_math_is_fp32_from_bf16_logits():
+    """The log-prob math runs in fp32 even when the logits are bf16 (the released code's, under DeepSpeed bf16, ran
+    in bf16): log softmax([0, 1]) = [-log(1 + e), 1 - log(1 + e)] to fp32 precision (bf16 would be off by ~1e-3)."""
+    logits = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.bfloat16)
+    logprobs = gather_logprobs(logits, torch.tensor([0, 1]))
+    expected = [-1.3132616875182228, -0.3132616875182228]
+    assert logprobs.dtype == torch.float32 and logprobs.tolist() == pytest.approx(expected, abs=1e-6)
+    assert logits.float().log_softmax(-1).bfloat16().float()[[0, 1], [0, 1]].tolist() != pytest.approx(expected, abs=1e-4)
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    policy = GPTNeoXForCausalLM(config).to(torch.bfloat16).eval()
+    tokens = torch.tensor([[3, 4, 5, 6, 7]])
+    logits = response_logits(policy, tokens, PAD, 2, 0.7)
+    assert logits.dtype == torch.float32
+    responses, sampled = sample(policy, tokens[:, :2], PAD, 3, 0.7)
+    assert sampled.dtype == torch.float32

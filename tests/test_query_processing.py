@@ -16,7 +16,9 @@ from summarize_from_feedback_details.tldr_dataset import (
     format_completion,
     pad_tokens,
     preference_query_format,
+    process_preference_row,
     process_query,
+    process_sft_row,
     tokenize_completion,
 )
 
@@ -135,3 +137,44 @@ def test_pad_eos_ablation_pads_with_eos(shared_data):
     tok = load_tokenizer(str(shared_data / "tokenizer" / "pythia"), pad_token="eos")
     out = process_query(FIELDS, QueryFormat(TLDR_QUERY_FORMAT, "post", 29), tok)
     assert out["query_token"] == [EOS, EOS] + QUERY_IDS and out["query"] == QUERY
+
+
+def _comparison(batch: str, info: dict, texts: tuple[str, str]) -> dict:
+    return {"batch": batch, "info": info, "choice": 0,
+            "summaries": [{"text": texts[0], "policy": "a"}, {"text": texts[1], "policy": "b"}]}
+
+
+def test_completion_spaces_single_or_as_released(pythia_tokenizer):
+    """Detail 3.1: by default a completion's own leading spaces become exactly one; --no-single_leading_space is the
+    released code's handling, which never strips: one space before an SFT reference as it is, a comparison summary
+    kept as it is (OpenAI's start with one space, so those are the same either way)."""
+    eos = "<|endoftext|>"
+    for text, prepend, keep in [("hi", " hi", "hi"), (" hi", "  hi", " hi"), ("  hi", "   hi", "  hi")]:
+        assert format_completion(text, eos) == " hi" + eos
+        assert format_completion(text, eos, released="prepend") == prepend + eos
+        assert format_completion(text, eos, released="keep") == keep + eos
+        assert format_completion(text, eos, leading_space=False, released="keep") == "hi" + eos  # the ablation strips
+    released = Args(single_leading_space=False)
+    assert Args().single_leading_space is True
+    row = _comparison("batch3", {**FIELDS, "id": "x"}, ("  two spaces", " one space"))
+    assert process_preference_row(row, tokenizer=pythia_tokenizer, args=Args())["chosen"] == " two spaces" + eos
+    out = process_preference_row(row, tokenizer=pythia_tokenizer, args=released)
+    assert (out["chosen"], out["rejected"]) == ("  two spaces" + eos, " one space" + eos)
+    assert out["query_chosen"] == QUERY + "  two spaces" + eos
+    sft = {**FIELDS, "summary": " spaced"}
+    assert process_sft_row(sft, tokenizer=pythia_tokenizer, args=Args())["reference_response"] == " spaced" + eos
+    assert process_sft_row(sft, tokenizer=pythia_tokenizer, args=released)["reference_response"] == "  spaced" + eos
+
+
+def test_cnndm_response_label_hides_the_query_only(pythia_tokenizer):
+    """The `_response_label` of a CNN/DM comparison hides exactly the 12 tokens of `query.strip()` ("Article", ":",
+    "\n", "Some", " news", ".", "\n", "\n", "TL", ";", "DR", ":"), so DPO scores the response from its first token
+    " A"; the released code hid as many positions as the unstripped query had tokens (13, its trailing "\n"), so
+    its label also hid " A": that is --decode_cleanup (Detail 2.4, the authors' processing)."""
+    row = _comparison("cnndm0", {"article": "Some news."}, (" A summary.", " Other."))
+    response = encode(pythia_tokenizer, " A summary.<|endoftext|>")
+    for decode_cleanup, hidden in ((False, 12), (True, 13)):
+        out = process_preference_row(row, tokenizer=pythia_tokenizer, args=Args(decode_cleanup=decode_cleanup))
+        assert out["query_token_len"] == 13 and out["query_chosen_token"][:16] == out["query_chosen_token"][:12] + response
+        label = out["query_chosen_token_response_label"]
+        assert label[:hidden] == [PAD] * hidden and label[hidden:16] == response[hidden - 12 :]
