@@ -56,7 +56,7 @@ def gpu_settings() -> dict[str, Any]:
     """The pythia-1b shape on the GPU: the CPU benchmarks' settings (batch 8, query 512, 53 response tokens, 4 epochs)."""
     return {"mode": "gpu", "device": "cuda", "shape": "pythia-1b", "batch_size": 8, "query_length": 512, "response_length": 53,
             "num_ppo_epochs": 4, "ppo_warmup": 1, "ppo_repeats": 2, "steps_batch_size": 8, "steps_sequence_length": 565,
-            "steps_warmup": 1, "steps_repeats": 3, "threads": None, "ceiling_seconds": 1.0, "budget_s": 450.0, "min_step_s": 40.0}
+            "steps_warmup": 1, "steps_repeats": 3, "threads": None, "ceiling_seconds": 1.0, "budget_s": 430.0, "min_step_s": 40.0}
 
 
 def tiny_settings() -> dict[str, Any]:
@@ -92,22 +92,24 @@ def wheel_pins() -> list[str]:
     return [f"{name}=={version}" for name, version in versions.items()]
 
 
-def installed_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
+def installed_version(name: str, path: list[str] | None = None) -> str | None:
+    """The version of distribution `name` on `path` (default sys.path), or None."""
+    from importlib.metadata import distributions
 
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
+    found = next(iter(distributions(name=name, path=sys.path if path is None else path)), None)
+    return None if found is None else found.version
 
 
-def pinned_dependencies() -> dict[str, Any]:
-    """Each pinned package's installed version (None: absent); torch's local label (+cpu, +cu130) is ignored."""
+def pinned_dependencies(wheel_site: str | None) -> dict[str, Any]:
+    """Each pinned package's installed version (None: absent; torch's local label +cpu, +cu130 is ignored) and, when
+    wheels were carried (installed into `wheel_site`, first on the path), what the machine itself has."""
+    machine_path = [p for p in sys.path if wheel_site is None or Path(p).resolve() != Path(wheel_site).resolve()]
     packages = {}
     for name, pinned in pinned_versions().items():
         installed = installed_version(name)
-        packages[name] = {"pinned": pinned, "installed": installed,
-                          "match": installed is not None and installed.split("+")[0] == pinned}
+        packages[name] = {"pinned": pinned, "installed": installed, "match": installed is not None and installed.split("+")[0] == pinned}
+        if wheel_site:
+            packages[name]["machine"] = installed_version(name, machine_path)
     return {"all_match": all(p["match"] for p in packages.values()), "packages": packages}
 
 
@@ -171,7 +173,9 @@ def environment() -> dict[str, Any]:
         "pythonpath": os.environ.get("PYTHONPATH"),
     }
     info["import_errors"] = import_errors(REQUIRED + ("summarize_from_feedback_details.ppo",))
-    info["pinned_deps"] = pinned_dependencies()
+    wheel_site = os.environ.get("SFFD_GPU_CHECK_WHEEL_SITE")
+    info["carried_wheels"] = sorted(p.name.removesuffix(".dist-info") for p in Path(wheel_site).glob("*.dist-info")) if wheel_site else None
+    info["pinned_deps"] = pinned_dependencies(wheel_site)
     trl = installed_version("trl")
     if trl is None:
         info["trl"] = (f"not available: trl is not installed in {sys.executable} (the GPU machine has no pip index; "
@@ -328,7 +332,10 @@ def markdown(result: dict[str, Any]) -> str:
              f"* machine: {env.get('gpu') or 'no GPU'}; {env.get('cpus')} CPUs; Python {env['python_version']} ({env['python']})",
              f"* torch {env['torch']} (CUDA {env['torch_cuda']}, available: {env['cuda_available']}); the project's .venv: {env['venv']['detail']}",
              "* pinned dependencies: " + ("all as pinned" if env["pinned_deps"]["all_match"] else "differ: " + ", ".join(
-                 f"{n} {p['installed'] or 'absent'} (pinned {p['pinned']})" for n, p in env["pinned_deps"]["packages"].items() if not p["match"]))]
+                 f"{n} {p['installed'] or 'absent'} (pinned {p['pinned']})" for n, p in env["pinned_deps"]["packages"].items() if not p["match"])),
+             "* carried wheels: " + (", ".join(env["carried_wheels"]) + "; without them: " + (", ".join(
+                 f"{n} {p['machine'] or 'absent'}" for n, p in env["pinned_deps"]["packages"].items() if p["machine"] != p["installed"])
+                 or "the same versions") if env["carried_wheels"] else "none")]
     if "error" in result:
         return "\n".join([*lines, "", f"**Not run:** {result['error']}", ""])
     ppo, first, steps, peak = result["ppo"], result["first_minibatch"], result["steps"], result["peak_gpu_mib"]
@@ -345,8 +352,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"ours / TRL: {num(ppo['ours_over_trl'])} (speed-up {speedup}); TRL: {ppo['trl']}", "",
               "## First minibatch of an update (same weights: the ratio is 1 up to rounding)", "",
               "| precision | mean abs(ratio - 1) | max abs(ratio - 1) | approx-KL | tokens |", "|---|---|---|---|---|"]
-    for label, key in (("fp32", "fp32"), ("bf16 autocast, rollouts and training", "bf16"),
-                       ("bf16 autocast, training forward only (ppo.py --mixed_precision bf16, no DeepSpeed)", "bf16_training_only")):
+    training_only = "bf16 autocast, training forward only (ppo.py --mixed_precision bf16, no DeepSpeed)"
+    if s["device"] == "cpu":
+        training_only += "; on the CPU ppo.py autocasts nothing: fp32"
+    for label, key in (("fp32", "fp32"), ("bf16 autocast, rollouts and training", "bf16"), (training_only, "bf16_training_only")):
         row = first[key] or {}
         lines.append(f"| {label} | {num(row.get('mean_abs_ratio_minus_1'))} | {num(row.get('max_abs_ratio_minus_1'))} | "
                      f"{num(row.get('approxkl'))} | {row.get('tokens', '–')} |")
@@ -370,7 +379,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md, gpu_check.log")
     parser.add_argument("--tiny", action="store_true", help="the tiny shape on the CPU (about a minute)")
-    parser.add_argument("--budget_s", type=float, help="seconds all steps may take together (default: 450 GPU, 240 tiny)")
+    parser.add_argument("--budget_s", type=float, help="seconds all steps may take together (default: 430 GPU, 240 tiny)")
     parser.add_argument("--command", default=None, help=argparse.SUPPRESS)
     cli = parser.parse_args()
     start = time.perf_counter()

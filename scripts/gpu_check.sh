@@ -13,7 +13,8 @@
 # project's .venv cannot serve there (Python 3.11 and the CPU torch wheel, and too large to carry). What that python
 # lacks (tyro, datasets, trl; the pinned transformers) travels as wheels: `--prepare_wheels` here, then carry .whl;
 # they are installed into a temporary folder put first on PYTHONPATH, never into the machine's python. Without trl the
-# check still runs and records "trl: not available". Exit status 2, with one line on stderr, when it cannot run.
+# check still runs and records "trl: not available". Exit status 2, with one line on stderr, when it cannot run (the
+# line names what did not import; SFFD_EXTRA_WHEELS="name==version ..." adds wheels to --prepare_wheels, e.g. pyarrow).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -47,7 +48,7 @@ if ((prepare)); then  # here, not on the GPU machine: the wheels of the pinned v
     pins=$("$PYTHON" -c 'import sys; sys.path.insert(0, "benchmark"); import gpu_check; print(" ".join(gpu_check.wheel_pins()))')
     "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version "${SFFD_WHEELS_PYTHON_VERSION:-3.12}" \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d "$WHEELS" $pins
+        --platform manylinux2014_x86_64 -d "$WHEELS" $pins ${SFFD_EXTRA_WHEELS:-}
     echo "gpu_check: $(ls "$WHEELS"/*.whl | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1), in $WHEELS/ ($pins): carry $WHEELS to the GPU machine"
     exit 0
 fi
@@ -62,7 +63,7 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
     site=$(mktemp -d)/site
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/*.whl >>"$log" 2>&1 ||
         fail "installing the carried wheels ($WHEELS/*.whl) with $PYTHON -m pip failed (see $log)"
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" SFFD_GPU_CHECK_WHEEL_SITE="$site"
     echo "gpu_check: the carried wheels ($(ls "$WHEELS"/*.whl | wc -l)) installed into $site, first on PYTHONPATH" | tee -a "$log"
 fi
 "$PYTHON" -c 'import torch, transformers' >>"$log" 2>&1 ||
