@@ -771,6 +771,11 @@ def rm_accuracy(sweep: Sweep | str | Path, out_dir: str | Path, dpi: int = 150) 
         ax.scatter(d["confidence"], d["value"], color=color, s=14, alpha=0.5, edgecolors="none")
         m = d.groupby("confidence")["value"].mean()
         ax.plot(m.index, m.values, marker="o", color=color, label=f"{size.name} (mean of {_plural(d['seed'].nunique(), 'seed')})")
+    notes = ["with the paper's values"] if paper else []
+    if confidence.empty:  # bring-your-own comparisons (and some real batches) carry no labeller confidence
+        ax.text(0.5, 0.5, "no comparison with a labeller confidence\n(extra.confidence is null)", ha="center", va="center",
+                transform=ax.transAxes)
+        notes.append("no labeller confidence in the evaluated comparisons: right panel empty")
     ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
     ax.set_xticks(range(1, 10))
     ax.set_xlabel("labeller confidence (extra.confidence)")
@@ -780,7 +785,7 @@ def rm_accuracy(sweep: Sweep | str | Path, out_dir: str | Path, dpi: int = 150) 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return FigureResult("rm_accuracy", save_figure(fig, out_dir, "rm_accuracy", dpi),
-                        {"seeds": data, "means": means, "confidence": confidence}, ["with the paper's values"] if paper else [])
+                        {"seeds": data, "means": means, "confidence": confidence}, notes)
 
 
 def rm_vs_dpo_accuracy(sweep: Sweep | str | Path, out_dir: str | Path, dpi: int = 150) -> FigureResult:

@@ -78,7 +78,8 @@ class Args(TrainArgs):
     max_eval_samples: int | None = None
     """score only the first N comparisons of each split (default: all)"""
     padding_check_samples: int = 256
-    """Detail 14: validation pairs scored both left- and right-padded"""
+    """Detail 14: validation pairs scored both left- and right-padded (0: no check; the released code had none, it
+    changes only the logged eval/padding/* metrics)"""
 
 
 def bradley_terry_loss(chosen: Any, rejected: Any) -> Any:

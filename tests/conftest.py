@@ -1,4 +1,13 @@
-"""Shared fixtures: the real data of ../shared/data (one fixture), the embedded assets and dataset."""
+"""Shared fixtures: the real data of ../shared/data (one fixture), the embedded assets and dataset, and the
+embedded runs every end-to-end test reads.
+
+Two tiers (README): `pytest -m "not slow"` runs the units and math in a few minutes; a test is `slow` when it
+asks for an end-to-end fixture below (marked automatically, see `pytest_collection_modifyitems`) or is marked
+by hand because it runs a stage script. The full suite runs with `pytest-xdist` over the cores (`-n 2` in CI):
+the expensive session fixtures are built ONCE for all workers (`build_once`: a file lock in the run's shared
+temporary folder), and every worker and stage subprocess gets cores / workers threads, so the workers do not
+oversubscribe the machine.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,9 +27,83 @@ TINY = "tiny-pythia-s"
 """the embedded model size the stage tests train"""
 
 
+# ----------------------------------------------------------------------------------------------
+# Running over several workers (pytest-xdist)
+# ----------------------------------------------------------------------------------------------
+def xdist_workers() -> int:
+    """How many pytest-xdist workers share this machine (1 without xdist)."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def threads_per_process() -> int:
+    """Cores per worker: each worker (and each stage subprocess it starts) uses its share of the machine."""
+    return max(1, (os.cpu_count() or 1) // xdist_workers())
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    if xdist_workers() > 1:  # a user's own OMP_NUM_THREADS wins
+        env.setdefault("OMP_NUM_THREADS", str(threads_per_process()))
+    return env
+
+
+def pytest_configure(config) -> None:
+    if xdist_workers() > 1 and os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(threads_per_process())
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this run sees (the workers' temporary folders share their parent)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def build_once(tmp_path_factory, name: str, build: Callable[[], Path]) -> Path:
+    """Run `build` once for the whole test run, whichever worker asks first; the others wait on its lock and
+    get its result. A failed build is recorded so that the other workers fail at once with its error."""
+    from filelock import FileLock
+
+    root = shared_root(tmp_path_factory)
+    done, failed = root / f"{name}.done", root / f"{name}.failed"
+    with FileLock(str(root / f"{name}.lock")):
+        if failed.exists():
+            pytest.fail(f"the shared fixture {name!r} failed in another worker:\n{failed.read_text()[-3000:]}")
+        if not done.exists():
+            try:
+                result = build()
+            except BaseException as error:
+                failed.write_text(f"{type(error).__name__}: {error}")
+                raise
+            done.write_text(str(result))
+        return Path(done.read_text())
+
+
+# Fixtures that run stage scripts or train models: a test that asks for one is `slow`.
+END_TO_END_FIXTURES = {"embedded_dir", "embedded_dir_m", "embedded_dir_all", "embedded_dataset", "embedded_tokenizer", "runs_dir", "sft_run", "reward_run",
+                       "ppo_run", "dpo_run", "embedded_sweep", "sweep_dir", "sweep", "view_inputs"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark the end-to-end tests `slow`, and order the run for two workers: first one test that needs every
+    embedded run (its worker starts the embedded build at once), then every fast test (the other worker runs
+    them meanwhile), then the rest, in their files' order."""
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    deepest = next((i for i, item in enumerate(items) if {"ppo_run", "dpo_run"} <= set(getattr(item, "fixturenames", ()))), None)
+    first = [items.pop(deepest)] if deepest is not None else []
+    fast = [item for item in items if item.get_closest_marker("slow") is None]
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    items[:] = first + fast + slow
+
+
 def run_module(module: str, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run `python -m summarize_from_feedback_details.<module> args` as a real subprocess."""
-    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = subprocess_env()
     result = subprocess.run(
         [sys.executable, "-m", f"summarize_from_feedback_details.{module}", *args],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout,
@@ -34,7 +118,7 @@ def read_metrics(run: Path) -> dict:
 
 
 def torchrun(module: str, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
          "-m", f"summarize_from_feedback_details.{module}", *args],
@@ -88,10 +172,36 @@ def real_posts(shared_data: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def embedded_dir(tmp_path_factory) -> Path:
-    """The embedded assets, built once per session with the real CLI (or reused from SFFD_TEST_EMBEDDED_DIR)."""
-    path = Path(os.environ[EMBEDDED_ENV]) if os.environ.get(EMBEDDED_ENV) else tmp_path_factory.mktemp("embedded")
-    run_module("embedded", "--out_dir", str(path), timeout=2400)  # three models pre-train (~6 min on 2 idle cores)
-    return path
+    """The embedded assets, built once per test run with the real CLI (or reused from SFFD_TEST_EMBEDDED_DIR):
+    the task, the tokenizer and tiny-pythia-s, the size every stage test trains. The bigger sizes come with
+    `embedded_dir_m` and `embedded_dir_all`, so the stage runs do not wait for their pre-training."""
+    def build() -> Path:
+        path = Path(os.environ[EMBEDDED_ENV]) if os.environ.get(EMBEDDED_ENV) else shared_root(tmp_path_factory) / "embedded"
+        run_module("embedded", "--out_dir", str(path), "--sizes", TINY, timeout=2400)
+        return path
+
+    return build_once(tmp_path_factory, "embedded_dir", build)
+
+
+def _pretrain_sizes(tmp_path_factory, embedded_dir: Path, size: str) -> Path:
+    def build() -> Path:
+        run_module("embedded", "--out_dir", str(embedded_dir), "--sizes", size, timeout=2400)
+        return embedded_dir
+
+    return build_once(tmp_path_factory, f"embedded_{size}", build)
+
+
+@pytest.fixture(scope="session")
+def embedded_dir_m(embedded_dir: Path, embedded_dataset: Path, tmp_path_factory) -> Path:
+    """`embedded_dir` with tiny-pythia-m pre-trained too (the sweeps' second size). After the data stage, whose
+    own build call would otherwise rewrite the manifest at the same time."""
+    return _pretrain_sizes(tmp_path_factory, embedded_dir, "tiny-pythia-m")
+
+
+@pytest.fixture(scope="session")
+def embedded_dir_all(embedded_dir_m: Path, tmp_path_factory) -> Path:
+    """`embedded_dir` with every size pre-trained (tiny-pythia-l last)."""
+    return _pretrain_sizes(tmp_path_factory, embedded_dir_m, "tiny-pythia-l")
 
 
 @pytest.fixture(scope="session")
@@ -105,29 +215,41 @@ def embedded_tokenizer(embedded_dir: Path):
 def embedded_dataset(embedded_dir: Path, tmp_path_factory) -> Path:
     """The data stage run once on the embedded task, as a subprocess with the `embedded` preset; the preset's
     model and data paths follow --embedded_dir."""
-    out = tmp_path_factory.mktemp("datasets") / "embedded"
-    run_module("tldr_dataset", "embedded", "--embedded_dir", str(embedded_dir), "--output_dir", str(out))
-    return out
+    def build() -> Path:
+        out = shared_root(tmp_path_factory) / "datasets" / "embedded"
+        run_module("tldr_dataset", "embedded", "--embedded_dir", str(embedded_dir), "--output_dir", str(out))
+        return out
+
+    return build_once(tmp_path_factory, "embedded_dataset", build)
 
 
 @pytest.fixture(scope="session")
 def runs_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("runs")
+    """One runs folder for every worker: each test writes its own run names into it."""
+    path = shared_root(tmp_path_factory) / "runs"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")
-def sft_run(embedded_dir, embedded_dataset, runs_dir) -> Path:
-    run_module("sft", "embedded", "--base_model", f"{embedded_dir}/models/{TINY}", "--dataset", str(embedded_dataset),
-               "--output_dir", str(runs_dir), "--run_name", "sft", "--max_eval_samples", "100")
-    return runs_dir / "sft"
+def sft_run(embedded_dir, embedded_dataset, runs_dir, tmp_path_factory) -> Path:
+    def build() -> Path:
+        run_module("sft", "embedded", "--base_model", f"{embedded_dir}/models/{TINY}", "--dataset", str(embedded_dataset),
+                   "--output_dir", str(runs_dir), "--run_name", "sft", "--max_eval_samples", "100")
+        return runs_dir / "sft"
+
+    return build_once(tmp_path_factory, "sft_run", build)
 
 
 @pytest.fixture(scope="session")
-def reward_run(sft_run, embedded_dataset, runs_dir) -> Path:
-    run_module("reward", "embedded", "--sft_model_path", str(sft_run / "model"), "--dataset", str(embedded_dataset),
-               "--output_dir", str(runs_dir), "--run_name", "reward", "--normalization_samples", "1000",
-               "--total_episodes", "3200")
-    return runs_dir / "reward"
+def reward_run(sft_run, embedded_dataset, runs_dir, tmp_path_factory) -> Path:
+    def build() -> Path:
+        run_module("reward", "embedded", "--sft_model_path", str(sft_run / "model"), "--dataset", str(embedded_dataset),
+                   "--output_dir", str(runs_dir), "--run_name", "reward", "--normalization_samples", "1000",
+                   "--total_episodes", "3200")
+        return runs_dir / "reward"
+
+    return build_once(tmp_path_factory, "reward_run", build)
 
 
 # A short PPO run: 24 updates of 32 rollouts (the hello world runs the full embedded preset); sample tables
@@ -143,13 +265,19 @@ def _stage_common(sft_run: Path, reward_run: Path, dataset: Path, runs_dir: Path
 
 
 @pytest.fixture(scope="session")
-def ppo_run(sft_run, reward_run, embedded_dataset, runs_dir) -> Path:
-    run_module("ppo", *_stage_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "ppo", *PPO_TEST_ARGS)
-    return runs_dir / "ppo"
+def ppo_run(sft_run, reward_run, embedded_dataset, runs_dir, tmp_path_factory) -> Path:
+    def build() -> Path:
+        run_module("ppo", *_stage_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "ppo", *PPO_TEST_ARGS)
+        return runs_dir / "ppo"
+
+    return build_once(tmp_path_factory, "ppo_run", build)
 
 
 @pytest.fixture(scope="session")
-def dpo_run(sft_run, reward_run, embedded_dataset, runs_dir) -> Path:
-    run_module("dpo", *_stage_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "dpo",
-               "--total_episodes", "3200", "--max_eval_samples", "100", "--eval_response_length", "53")
-    return runs_dir / "dpo"
+def dpo_run(sft_run, reward_run, embedded_dataset, runs_dir, tmp_path_factory) -> Path:
+    def build() -> Path:
+        run_module("dpo", *_stage_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "dpo",
+                   "--total_episodes", "3200", "--max_eval_samples", "100", "--eval_response_length", "53")
+        return runs_dir / "dpo"
+
+    return build_once(tmp_path_factory, "dpo_run", build)

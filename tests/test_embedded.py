@@ -113,8 +113,9 @@ def test_tokenizer_is_pythia_like(embedded_dir):
         assert tok.encode(" " + row["summary"] + "<|endoftext|>")[-1] == 0
 
 
-def test_models_load_like_hub_models_and_bigger_is_better(embedded_dir):
+def test_models_load_like_hub_models_and_bigger_is_better(embedded_dir_all):
     """Each size loads with AutoModelForCausalLM; on held-out posts the bigger models have a lower LM loss than s."""
+    embedded_dir = embedded_dir_all
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -139,8 +140,9 @@ def test_models_load_like_hub_models_and_bigger_is_better(embedded_dir):
     assert losses[2] < 2.0  # the models learned the corpus (uniform would be ln(2048) = 7.6)
 
 
-def test_built_assets_are_reused_and_rebuilt_deterministically(embedded_dir, tmp_path):
+def test_built_assets_are_reused_and_rebuilt_deterministically(embedded_dir_all, tmp_path):
     """A second call rebuilds nothing; a missing part is rebuilt alone, identically (seeded BPE)."""
+    embedded_dir = embedded_dir_all
     weights = embedded_dir / "models" / "tiny-pythia-s" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     manifest = E.ensure_built(embedded_dir)

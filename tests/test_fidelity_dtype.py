@@ -12,9 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_module
 
-from summarize_from_feedback_details.modeling import FROZEN_DTYPE, TRAINED_DTYPE, ScalarModel, ScalarModelConfig
+from conftest import read_metrics, run_module
+from summarize_from_feedback_details.modeling import (
+    FROZEN_DTYPE,
+    TRAINED_DTYPE,
+    ScalarModel,
+    ScalarModelConfig,
+)
 from summarize_from_feedback_details.training import load_causal_lm
 
 

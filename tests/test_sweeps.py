@@ -7,7 +7,6 @@ accelerate."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, build_once, shared_root, subprocess_env
 
 SWEEP = REPO / "scripts" / "sweep.sh"
 SLURM = REPO / "scripts" / "slurm"
@@ -36,7 +35,7 @@ PAPER_PPO_UPDATES = 1_000_000 // 512  # 1,953 updates of 512 rollouts (SPEC Deta
 
 def bash(*args: Any, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(["bash", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, **ENV, **(env or {})}, timeout=3600)
+                            env={**subprocess_env(), **ENV, **(env or {})}, timeout=3600)
     if check:
         assert result.returncode == 0, f"{args} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
@@ -81,14 +80,17 @@ def split_launch(argv: list[str]) -> tuple[Any, str, list[str]]:
 # The local sweep, for real, on the embedded default
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def embedded_sweep(embedded_dir: Path, embedded_dataset: Path, tmp_path_factory) -> Path:
+def embedded_sweep(embedded_dir_m: Path, embedded_dataset: Path, tmp_path_factory) -> Path:
     """2 sizes x 2 seeds x (SFT, RM, PPO, DPO) at reduced lengths, two cells at a time."""
-    sweep_dir = tmp_path_factory.mktemp("sweep") / "embedded"
-    start = time.time()
-    bash(SWEEP, "--embedded", "--embedded_dir", embedded_dir, "--dataset", embedded_dataset, "--sweep_dir", sweep_dir,
-         "--sizes", " ".join(SIZES), "--seeds", " ".join(map(str, SEEDS)), "--reduced", "--jobs", "2")
-    print(f"embedded sweep, {len(SIZES)} sizes x {len(SEEDS)} seeds x {len(STAGES)} stages: {time.time() - start:.0f} s")
-    return sweep_dir
+    def build() -> Path:
+        sweep_dir = shared_root(tmp_path_factory) / "sweep" / "embedded"
+        start = time.time()
+        bash(SWEEP, "--embedded", "--embedded_dir", embedded_dir_m, "--dataset", embedded_dataset, "--sweep_dir", sweep_dir,
+             "--sizes", " ".join(SIZES), "--seeds", " ".join(map(str, SEEDS)), "--reduced", "--jobs", "2")
+        print(f"embedded sweep, {len(SIZES)} sizes x {len(SEEDS)} seeds x {len(STAGES)} stages: {time.time() - start:.0f} s")
+        return sweep_dir
+
+    return build_once(tmp_path_factory, "embedded_sweep", build)  # one build for every xdist worker
 
 
 def test_local_sweep_writes_every_cell(embedded_sweep: Path, embedded_dir: Path, embedded_dataset: Path):
