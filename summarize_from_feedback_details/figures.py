@@ -129,7 +129,8 @@ def dataset_figures(sft: Any, preference: Any, out_dir: str | Path, lengths: Any
 
 
 def _with_rows(splits: Any, name: str) -> dict[str, Any]:
-    kept = {split: ds for split, ds in splits.items() if len(ds)}
+    """The splits that hold rows (None: a split that could not be read, see `dataset_figures_from_disk`)."""
+    kept = {split: ds for split, ds in splits.items() if ds is not None and len(ds)}
     for split in [split for split in splits if split not in kept]:
         print(f"figures: skipping {name}/{split}: no rows")
     return kept
@@ -144,12 +145,8 @@ def dataset_figures_from_disk(dataset_dir: str | Path, out_dir: str | Path | Non
 
     root = Path(dataset_dir)
     args = json.loads((root / "args.json").read_text())
-    data = {name: {split: load_saved_split(root / name, split) for split in saved_split_names(root / name)}
-            for name in ("sft", "preference")}
-    for name, splits in data.items():
-        for split in [split for split, ds in splits.items() if ds is None]:
-            print(f"figures: skipping {name}/{split}: no rows")
-    sft, preference = ({split: ds for split, ds in data[name].items() if ds is not None} for name in ("sft", "preference"))
+    sft, preference = ({split: load_saved_split(root / name, split) for split in saved_split_names(root / name)}
+                       for name in ("sft", "preference"))
     return dataset_figures(sft, preference, out_dir or root / "figures", Lengths(**args["lengths"]))
 
 

@@ -163,8 +163,8 @@ class Args(TrainArgs):
     save_samples_every: int = 220
     """P-6: save the per-update validation batch's responses (T --eval_temperature; query, response, reference, RM
     scores) before the first update and every this many updates as `samples/update_{k}.csv|parquet`, as the authors
-    kept sample tables through training (their print_sample_output_freq, 220); 0: never. Sampling outside an
-    --eval_every update runs on a forked random state, so the tables never change the training run"""
+    kept sample tables through training (their print_sample_output_freq, 220); 0: never. A sample that is not also
+    the evaluation's runs on a forked random state, so the tables never change the training run"""
     eval_splits: tuple[str, ...] = ("validation", "test")
     """P-6: SFT splits sampled at the end and saved as `query_responses_{split}` tables"""
     max_eval_samples: int | None = None

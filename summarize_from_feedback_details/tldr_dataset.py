@@ -347,9 +347,15 @@ def process_preference_row(row: dict[str, Any], *, tokenizer: Any, args: Args) -
 DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def load_raw(source: str, splits: Sequence[str], config: str | None = None) -> Any:
-    """Load `splits` of a dataset from a hub id or from a local directory of `{split}.{jsonl,json,parquet}`."""
+def load_raw(source: str, splits: Sequence[str], config: str | None = None, fields: Sequence[str] = ()) -> Any:
+    """Load `splits` of a dataset from a hub id or from a local directory of `{split}.{jsonl,json,parquet}`.
+    An empty (blank) json/jsonl file is a split without rows, with the columns `fields` (bring-your-own data)."""
     import datasets
+
+    def load_file(path: Path) -> Any:
+        if path.suffix != ".parquet" and _blank(path):  # datasets' json reader fails on it (StopIteration)
+            return datasets.Dataset.from_dict({name: [] for name in fields})
+        return datasets.load_dataset(DATA_EXTENSIONS[path.suffix], data_files=str(path), split="train")
 
     if looks_like_local_path(source):
         directory = Path(source)
@@ -370,16 +376,18 @@ def load_raw(source: str, splits: Sequence[str], config: str | None = None) -> A
         )
         if unknown:
             raise UserInputError(f"dataset directory {source!r} has unknown splits {unknown}; expected only {list(splits)}")
-        loaded = {
-            split: datasets.load_dataset(DATA_EXTENSIONS[path.suffix], data_files=str(path), split="train")
-            for split, path in files.items()
-        }
-        return datasets.DatasetDict(loaded)
+        return datasets.DatasetDict({split: load_file(path) for split, path in files.items()})
     loaded = datasets.load_dataset(source, config) if config else datasets.load_dataset(source)
     missing = [split for split in splits if split not in loaded]
     if missing:
         raise UserInputError(f"dataset {source!r} has no split(s) {missing}; it has {list(loaded)}")
     return datasets.DatasetDict({split: loaded[split] for split in splits})
+
+
+def _blank(path: Path) -> bool:
+    """Whether a file holds nothing but whitespace."""
+    with open(path, "rb") as file:
+        return not file.read(4096).strip() and path.stat().st_size <= 4096
 
 
 def _check_text(value: Any, where: str, name: str) -> None:
@@ -637,8 +645,8 @@ def main(args: Args) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.base_model, args.pad_token)
 
     # Detail 1: two datasets with fixed splits; check every row before any tokenization.
-    sft_raw = load_raw(args.sft_dataset, SFT_SPLITS)
-    preference_raw = fill_optional_columns(load_raw(args.preference_dataset, PREFERENCE_SPLITS, args.preference_config))
+    sft_raw = load_raw(args.sft_dataset, SFT_SPLITS, fields=SFT_FIELDS)
+    preference_raw = fill_optional_columns(load_raw(args.preference_dataset, PREFERENCE_SPLITS, args.preference_config, PREFERENCE_FIELDS))
     check_sft_rows(sft_raw)
     check_preference_rows(preference_raw, args.cnndm_batches)
 

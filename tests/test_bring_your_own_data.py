@@ -23,10 +23,14 @@ def _old_preference_dir(root: Path) -> Path:
     import datasets
 
     raw = datasets.Dataset.from_dict({"batch": ["b1", "b2", "b3"], "extra": [None, {"confidence": 7}, None]})
-    processed = raw.map(lambda row: {"chosen_policy": "ppo"})
-    empty = raw.filter(lambda batch: batch == "cnndm0", input_columns="batch")
-    datasets.DatasetDict(train=processed, validation=processed.select([0, 1]), validation_cnndm=empty).save_to_disk(
+    def process(ds: datasets.Dataset) -> datasets.Dataset:
+        return ds.map(lambda row: {"chosen_policy": "ppo"})
+
+    empty = process(raw.filter(lambda batch: batch == "cnndm0", input_columns="batch"))
+    datasets.DatasetDict(train=process(raw), validation=process(raw).select([0, 1]), validation_cnndm=empty).save_to_disk(
         str(root / "preference"))
+    with pytest.raises(IndexError):  # what the stages met before the fix
+        datasets.load_from_disk(str(root / "preference"))
     return root
 
 
@@ -90,15 +94,17 @@ def test_evaluate_comparisons_null_extra_and_no_split(tmp_path):
 
 
 def _raw_data(real_posts: list[dict], root: Path) -> tuple[Path, Path]:
-    """Six real posts as SFT files and four comparisons with no CNN/DM row; the train comparisons have no `extra`."""
+    """Four real posts as SFT files (the test file is empty) and four comparisons with no CNN/DM row; the train
+    comparisons have no `extra`."""
     def write(path: Path, rows: list[dict]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     posts = real_posts[:6]
-    for k, split in enumerate(("train", "validation", "test")):
+    for k, split in enumerate(("train", "validation")):
         write(root / "sft" / f"{split}.jsonl", [{"id": str(p["row"]), "subreddit": p["subreddit"], "title": p["title"],
                                                    "post": p["post"], "summary": p["reference"]} for p in posts[2 * k: 2 * k + 2]])
+    write(root / "sft" / "test.jsonl", [])
     for split, extras in (("train", None), ("validation", [None, {"confidence": 4}])):
         rows = []
         for k, p in enumerate(posts[:2]):
@@ -111,8 +117,8 @@ def _raw_data(real_posts: list[dict], root: Path) -> tuple[Path, Path]:
 
 
 def test_data_stage_without_cnndm_rows(shared_data, real_posts, tmp_path, capsys):
-    """The data stage on comparisons without CNN/DM rows: `validation_cnndm` is left out with one line, the figures
-    are drawn, and everything it saved loads whole."""
+    """The data stage on comparisons without CNN/DM rows and an empty SFT test file: `validation_cnndm` and `test`
+    are left out with one line each, the figures are drawn, and everything it saved loads whole."""
     import datasets
 
     from summarize_from_feedback_details.tldr_dataset import Args, main
@@ -121,12 +127,13 @@ def test_data_stage_without_cnndm_rows(shared_data, real_posts, tmp_path, capsys
     out = tmp_path / "out"
     summary = main(Args(base_model=str(shared_data / "tokenizer" / "pythia"), sft_dataset=str(sft_dir),
                         preference_dataset=str(preference_dir), output_dir=str(out), check_length_correctness=False))
-    assert "preference split 'validation_cnndm' has no rows" in capsys.readouterr().out
-    assert summary["preference_rows"] == {"train": 2, "validation": 2}
+    out_lines = capsys.readouterr().out
+    assert "preference split 'validation_cnndm' has no rows" in out_lines and "SFT split 'test' has no rows" in out_lines
+    assert summary["preference_rows"] == {"train": 2, "validation": 2} and summary["sft_rows"] == {"train": 2, "validation": 2}
     preference = datasets.load_from_disk(str(out / "preference"))
     assert list(preference) == ["train", "validation"]
     assert preference["train"]["extra"] == [None, None] and preference["validation"]["extra"] == [None, {"confidence": 4}]
-    assert len(datasets.load_from_disk(str(out / "sft"))["test"]) == 2
+    assert list(datasets.load_from_disk(str(out / "sft"))) == ["train", "validation"]
     assert len(list((out / "figures").glob("*.png"))) == 5
 
 

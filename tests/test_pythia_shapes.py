@@ -1,4 +1,4 @@
-"""The `pythia` preset end to end at the paper's shapes, offline on CPU (slow: about 3 minutes on 2 cores).
+"""The `pythia` preset end to end at the paper's shapes, offline on CPU (slow: 3 minutes on the shared 2-core machine).
 
 Every other stage test runs the embedded preset. Here the inputs have the real shapes:
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_metrics, run_module
+from conftest import build_once, read_metrics, run_module, shared_root
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ SFT_VALIDATION, SFT_TEST = range(0, 500), range(500, 1000)
 """post rows of the SFT validation and test files; the other 945 posts are the SFT train file"""
 PREFERENCE_VALIDATION = range(0, 100)
 """judged rows of the preference validation file; the other 900 are its train file"""
-CHOSEN = {"policy": "oai_ppo_1p3b", "reference": "reference"}
+POLICY_NAMES = {"policy": "oai_ppo_1p3b", "reference": "reference"}
 """policy names of the two summaries of a judged pair"""
 
 
@@ -78,7 +78,7 @@ def comparison_files(posts: list[dict], judgments: list[dict], out: Path) -> Pat
         row = {
             "info": {"id": f"post{post['row']}", "post": post["post"], "title": post["title"], "subreddit": post["subreddit"],
                      "site": None, "article": None},
-            "summaries": [{"text": " " + post[texts[who]], "policy": CHOSEN[who], "note": None} for who in order],
+            "summaries": [{"text": " " + post[texts[who]], "policy": POLICY_NAMES[who], "note": None} for who in order],
             "choice": order.index(judgment["preferred"]), "worker": judgment["judge"], "batch": "gpt4_oai1b_vs_reference",
             "split": "valid1" if split == "validation" else "train",
         }
@@ -99,68 +99,93 @@ def pythia_14m_model(tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def pythia_inputs(shared_data: Path, tmp_path_factory) -> dict[str, Path]:
-    """The raw SFT and comparison files and the model, written to a temporary directory (never the repository)."""
-    root = tmp_path_factory.mktemp("pythia_inputs")
-    posts = [json.loads(line) for line in (shared_data / "tldr" / "tldr_posts_with_references.jsonl").read_text().splitlines()]
-    judgments = [json.loads(line) for line in (shared_data / "tldr" / "oai1b_vs_reference_gpt4_judgments.jsonl").read_text().splitlines()]
-    assert (len(posts), len(judgments)) == (1945, 1000)
-    return {"model": pythia_14m_model(shared_data / "tokenizer" / "pythia", root / "models" / SIZE),
-            "sft": sft_files(posts, root / "raw" / "sft"), "preference": comparison_files(posts, judgments, root / "raw" / "preference")}
+@pytest.fixture(scope="session")
+def pythia_root(shared_data: Path, tmp_path_factory) -> Path:
+    """The raw SFT and comparison files and the model, written once per test run to a temporary folder every
+    xdist worker sees (never the repository): `inputs/{models/pythia-14m, raw/sft, raw/preference}`."""
+    def build() -> Path:
+        root = shared_root(tmp_path_factory) / "pythia"
+        tldr = shared_data / "tldr"
+        posts = [json.loads(line) for line in (tldr / "tldr_posts_with_references.jsonl").read_text().splitlines()]
+        judgments = [json.loads(line) for line in (tldr / "oai1b_vs_reference_gpt4_judgments.jsonl").read_text().splitlines()]
+        assert (len(posts), len(judgments)) == (1945, 1000)
+        pythia_14m_model(shared_data / "tokenizer" / "pythia", root / "inputs" / "models" / SIZE)
+        sft_files(posts, root / "inputs" / "raw" / "sft")
+        comparison_files(posts, judgments, root / "inputs" / "raw" / "preference")
+        return root
+
+    return build_once(tmp_path_factory, "pythia_inputs", build)
 
 
-@pytest.fixture(scope="module")
-def cell(tmp_path_factory) -> Path:
-    """One sweep cell, `{sweep}/{size}/seed{seed}/{stage}`, the layout paper_figures reads."""
-    return tmp_path_factory.mktemp("pythia_sweep") / SIZE / f"seed{SEED}"
+def cell(root: Path) -> Path:
+    """The one sweep cell, `{root}/sweep/{size}/seed{seed}/{stage}`: the layout paper_figures reads."""
+    return root / "sweep" / SIZE / f"seed{SEED}"
 
 
-@pytest.fixture(scope="module")
-def pythia_data(pythia_inputs, tmp_path_factory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("pythia_datasets") / "tldr"
-    # Detail 4: the strict check wants the measured maxima to EQUAL the configured shapes (the configuration must
-    # describe the data). The paper's shapes are maxima over the whole hub data; on these 1,945 posts the longest
-    # reference is 49 + EOS = 50 tokens (< 53) and the longest comparison well under 638, so the strict check would
-    # refuse the paper's shapes. Without it the columns are still padded to exactly 512 / 53 / 562 / 169 / 638 and
-    # only rows longer than configured would be cut: there are none (test_data_shapes checks the maxima).
-    result = run_module("tldr_dataset", "pythia", "--base_model", str(pythia_inputs["model"]), "--sft_dataset",
-                        str(pythia_inputs["sft"]), "--preference_dataset", str(pythia_inputs["preference"]),
-                        "--output_dir", str(out), "--no-check_length_correctness")
-    return out, result.stdout
+def logged(root: Path, name: str, module: str, *args: str) -> None:
+    """Run a stage and keep its output in `{root}/sweep/logs/{name}.out` (the tests read what it said)."""
+    result = run_module(module, *args)
+    (root / "sweep" / "logs").mkdir(parents=True, exist_ok=True)
+    (root / "sweep" / "logs" / f"{name}.out").write_text(result.stdout)
 
 
-def stage(module: str, cell: Path, name: str, *args: str) -> tuple[Path, str]:
-    result = run_module(module, "pythia", "--output_dir", str(cell), "--run_name", name, "--seed", str(SEED), *args)
-    return cell / name, result.stdout
+def said(root: Path, name: str) -> str:
+    return (root / "sweep" / "logs" / f"{name}.out").read_text()
 
 
-@pytest.fixture(scope="module")
-def pythia_sft(pythia_inputs, pythia_data, cell) -> tuple[Path, str]:
-    return stage("sft", cell, "sft", "--base_model", str(pythia_inputs["model"]), "--dataset", str(pythia_data[0]),
-                 "--total_episodes", "8", "--batch_size", "8", "--local_micro_batch_size", "4",
+@pytest.fixture(scope="session")
+def pythia_data(pythia_root, tmp_path_factory) -> Path:
+    def build() -> Path:
+        out, raw = pythia_root / "datasets" / "tldr", pythia_root / "inputs" / "raw"
+        # Detail 4: the strict check wants the measured maxima to EQUAL the configured shapes (the configuration must
+        # describe the data). The paper's shapes are maxima over the whole hub data; on these 1,945 posts the longest
+        # reference is 49 + EOS = 50 tokens (< 53) and the longest comparison 558 (< 638), so the strict check refuses
+        # the paper's shapes. Without it the columns are still padded to exactly 512 / 53 / 562 / 169 / 638, and only
+        # rows longer than configured would be cut: there are none (test_data_shapes pins the measured maxima).
+        logged(pythia_root, "data", "tldr_dataset", "pythia", "--base_model", str(pythia_root / "inputs" / "models" / SIZE),
+               "--sft_dataset", str(raw / "sft"), "--preference_dataset", str(raw / "preference"), "--output_dir", str(out),
+               "--no-check_length_correctness")
+        return out
+
+    return build_once(tmp_path_factory, "pythia_data", build)
+
+
+def stage(tmp_path_factory, root: Path, module: str, *args: str) -> Path:
+    """`module` with the pythia preset into the cell, once per test run; only the paths, step counts, batch sizes
+    and evaluation sizes are overridden."""
+    def build() -> Path:
+        logged(root, module, module, "pythia", "--output_dir", str(cell(root)), "--run_name", module, "--seed", str(SEED), *args)
+        return cell(root) / module
+
+    return build_once(tmp_path_factory, f"pythia_{module}", build)
+
+
+@pytest.fixture(scope="session")
+def pythia_sft(pythia_root, pythia_data, tmp_path_factory) -> Path:
+    return stage(tmp_path_factory, pythia_root, "sft", "--base_model", str(pythia_root / "inputs" / "models" / SIZE),
+                 "--dataset", str(pythia_data), "--total_episodes", "8", "--batch_size", "8", "--local_micro_batch_size", "4",
                  "--local_eval_batch_size", "2", "--max_eval_samples", "2")
 
 
-@pytest.fixture(scope="module")
-def pythia_reward(pythia_sft, pythia_data, cell) -> tuple[Path, str]:
-    return stage("reward", cell, "reward", "--sft_model_path", str(pythia_sft[0] / "model"), "--dataset", str(pythia_data[0]),
+@pytest.fixture(scope="session")
+def pythia_reward(pythia_root, pythia_sft, pythia_data, tmp_path_factory) -> Path:
+    return stage(tmp_path_factory, pythia_root, "reward", "--sft_model_path", str(pythia_sft / "model"), "--dataset", str(pythia_data),
                  "--total_episodes", "16", "--batch_size", "8", "--local_micro_batch_size", "4", "--local_eval_batch_size", "4",
                  "--max_eval_samples", "8", "--padding_check_samples", "4", "--normalization_samples", "8")
 
 
-@pytest.fixture(scope="module")
-def pythia_ppo(pythia_sft, pythia_reward, pythia_data, cell) -> tuple[Path, str]:
-    return stage("ppo", cell, "ppo", "--sft_model_path", str(pythia_sft[0] / "model"),
-                 "--reward_model_path", str(pythia_reward[0] / "model"), "--dataset", str(pythia_data[0]),
+@pytest.fixture(scope="session")
+def pythia_ppo(pythia_root, pythia_sft, pythia_reward, pythia_data, tmp_path_factory) -> Path:
+    return stage(tmp_path_factory, pythia_root, "ppo", "--sft_model_path", str(pythia_sft / "model"),
+                 "--reward_model_path", str(pythia_reward / "model"), "--dataset", str(pythia_data),
                  "--total_episodes", "8", "--batch_size", "4", "--local_micro_batch_size", "2",
                  "--local_rollout_forward_batch_size", "4", "--local_eval_batch_size", "2", "--max_eval_samples", "2")
 
 
-@pytest.fixture(scope="module")
-def pythia_dpo(pythia_sft, pythia_reward, pythia_data, cell) -> tuple[Path, str]:
-    return stage("dpo", cell, "dpo", "--sft_model_path", str(pythia_sft[0] / "model"),
-                 "--reward_model_path", str(pythia_reward[0] / "model"), "--dataset", str(pythia_data[0]),
+@pytest.fixture(scope="session")
+def pythia_dpo(pythia_root, pythia_sft, pythia_reward, pythia_data, tmp_path_factory) -> Path:
+    return stage(tmp_path_factory, pythia_root, "dpo", "--sft_model_path", str(pythia_sft / "model"),
+                 "--reward_model_path", str(pythia_reward / "model"), "--dataset", str(pythia_data),
                  "--total_episodes", "4", "--batch_size", "4", "--local_micro_batch_size", "2",
                  "--local_eval_batch_size", "2", "--max_eval_samples", "2")
 
@@ -172,16 +197,17 @@ def token_lengths(dataset_dir: Path, name: str, split: str, columns: list[str]) 
     return {c: {len(tokens) for tokens in ds.with_format("arrow")[c].to_pylist()} for c in columns}
 
 
-def test_data_shapes(pythia_data, pythia_inputs):
+def test_data_shapes(pythia_data, pythia_root):
     """The data stage pads every token column to the paper's shapes, measures maxima within them, and leaves out
     the empty CNN/DM split with one line instead of crashing."""
-    out, stdout = pythia_data
+    out = pythia_data
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sft_rows"] == {"train": 945, "validation": 500, "test": 500}
     assert summary["preference_rows"] == {"train": 900, "validation": 100}
-    assert "validation_cnndm" not in json.loads((out / "preference" / "dataset_dict.json").read_text())["splits"]
-    assert "preference split 'validation_cnndm' has no rows" in stdout
-    assert json.loads((out / "args.json").read_text())["lengths"] | SHAPES == json.loads((out / "args.json").read_text())["lengths"]
+    assert json.loads((out / "preference" / "dataset_dict.json").read_text())["splits"] == ["train", "validation"]
+    assert "preference split 'validation_cnndm' has no rows" in said(pythia_root, "data")
+    lengths = json.loads((out / "args.json").read_text())["lengths"]
+    assert {name: lengths[name] for name in SHAPES} == SHAPES
     for split in ("train", "validation", "test"):
         assert token_lengths(out, "sft", split, ["query_token", "reference_response_token", "query_reference_response_token",
                                                  "query_reference_response_token_response_label"]) == {
@@ -192,12 +218,16 @@ def test_data_shapes(pythia_data, pythia_inputs):
                                                         "query_rejected_token_response_label"]) == {
             "query_token": {512}, "chosen_token": {169}, "rejected_token": {169}, "query_chosen_token": {638},
             "query_rejected_token_response_label": {638}}
+    import datasets
+
+    chosen = [p for split in ("train", "validation") for p in datasets.load_from_disk(str(out / "preference" / split))["chosen_policy"]]
+    assert chosen.count(POLICY_NAMES["policy"]) == 640  # GPT-4 preferred the 1.3B sample in 640 of the 1,000 pairs
     maxima = json.loads((out / "length_maxima.json").read_text())
     assert maxima == summary["length_maxima"]
-    # 14 posts are 513-519 tokens: truncated at a paragraph to fit 512; no row is longer than a configured shape.
-    assert set(maxima) == {"query", "sft_response", "sft_query_response", "rm_response", "rm_query_response"}
-    assert all(maxima[name] <= SHAPES[name] for name in maxima), maxima
-    assert maxima["sft_response"] == 50 and maxima["query"] >= 500  # 49-token reference + EOS; the long posts
+    # 14 posts are 513-519 tokens: truncated at a paragraph to fit 512. References are at most 49 tokens and the 1.3B
+    # samples 50 (shared/data/README.md), + EOS. No row is longer than a configured shape; no CNN/DM maxima.
+    assert maxima == {"query": 512, "sft_response": 50, "sft_query_response": 558, "rm_response": 51, "rm_query_response": 558}
+    assert all(maxima[name] <= SHAPES[name] for name in maxima)
     assert sum(summary["truncated_queries"].values()) == 14
     assert {p.name for p in (out / "figures").glob("*.png")} == {
         "sft_token_lengths.png", "preference_token_lengths.png", "confidence_distribution.png",
@@ -205,59 +235,60 @@ def test_data_shapes(pythia_data, pythia_inputs):
 
 
 def test_sft_at_pythia_shapes(pythia_sft):
-    run, _ = pythia_sft
-    metrics = read_metrics(run)
+    metrics = read_metrics(pythia_sft)
     assert metrics["response_length"] == 53 and metrics["num_updates"] == 1
-    config = json.loads((run / "model" / "config.json").read_text())
+    config = json.loads((pythia_sft / "model" / "config.json").read_text())
     rotary = config["rope_parameters"]["partial_rotary_factor"] if "rope_parameters" in config else config["rotary_pct"]
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"], rotary) == (128, 6, 50304, 0.25)
     for split in ("validation", "test"):
-        table = _table(run / f"eval_query_responses_{split}.parquet")
-        assert len(table) == 2 and table["response_token_len"].max() <= 53
+        table = _table(pythia_sft / f"eval_query_responses_{split}.parquet")
+        assert len(table) == 2 and table["response_token_len"].between(1, 53).all()
 
 
-def test_reward_at_pythia_shapes(pythia_reward):
+def test_reward_at_pythia_shapes(pythia_reward, pythia_root):
     """No CNN/DM split, no confidence: the RM scores the TL;DR validation pairs and says it skipped the rest."""
-    run, stdout = pythia_reward
-    metrics = read_metrics(run)
-    assert "skipping preference/validation_cnndm" in stdout
+    metrics = read_metrics(pythia_reward)
+    assert "skipping preference/validation_cnndm" in said(pythia_root, "reward")
     assert metrics["num_updates"] == 2 and "eval/accuracy/split/validation" in metrics
     assert not any("cnndm" in key or key.startswith("eval/accuracy/confidence/") for key in metrics), sorted(metrics)
-    table = _table(run / "eval_comparisons.csv")
+    table = _table(pythia_reward / "eval_comparisons.csv")
     assert len(table) == 8 and set(table["split"]) == {"validation"} and table["confidence"].isna().all()
     assert metrics["normalization/references"] == 8
 
 
 def test_ppo_at_pythia_shapes(pythia_ppo):
-    run, _ = pythia_ppo
-    metrics = read_metrics(run)
+    metrics = read_metrics(pythia_ppo)
     assert metrics["response_length"] == 53 and metrics["num_updates"] == 2
     for split in ("validation", "test"):
-        table = _table(run / f"query_responses_{split}.parquet")
+        table = _table(pythia_ppo / f"query_responses_{split}.parquet")
         assert len(table) == 2 and table["response_token_len"].between(1, 53).all()
         assert {"score", "reference_score"} <= set(table.columns)
 
 
-def test_dpo_at_pythia_shapes(pythia_dpo):
-    run, stdout = pythia_dpo
-    metrics = read_metrics(run)
-    assert "skipping preference/validation_cnndm" in stdout
+def test_dpo_at_pythia_shapes(pythia_dpo, pythia_root):
+    metrics = read_metrics(pythia_dpo)
+    assert "skipping preference/validation_cnndm" in said(pythia_root, "dpo")
     assert metrics["num_updates"] == 1 and "eval/accuracy/split/validation" in metrics
     assert not any("cnndm" in key for key in metrics)
     for split in ("validation", "test"):
-        table = _table(run / f"query_responses_{split}.parquet")
+        table = _table(pythia_dpo / f"query_responses_{split}.parquet")
         assert len(table) == 2 and table["response_token_len"].between(1, 128).all()  # the preset's 128 tokens
 
 
-def test_judge_and_figures_at_pythia_shapes(pythia_ppo, pythia_dpo, pythia_reward, pythia_data, cell):
-    """The RM judge on PPO's validation table, then every paper figure the cell's outputs allow."""
-    run_module("judge", "--table", str(pythia_ppo[0] / "query_responses_validation.parquet"), "--judge", "reward_model",
-               "--reward_model_path", str(pythia_reward[0] / "model"), "--output_dir", str(cell / "judge" / "ppo"))
-    summary = json.loads(next((cell / "judge" / "ppo").glob("*.summary.json")).read_text())
+def test_judge_and_figures_at_pythia_shapes(pythia_ppo, pythia_dpo, pythia_reward, pythia_data, pythia_root):
+    """The RM judge on PPO's validation table, then every paper figure from the cell (no CNN/DM series, no
+    confidence panel) and the dataset."""
+    judged = cell(pythia_root) / "judge" / "ppo"
+    run_module("judge", "--table", str(pythia_ppo / "query_responses_validation.parquet"), "--judge", "reward_model",
+               "--reward_model_path", str(pythia_reward / "model"), "--output_dir", str(judged))
+    summary = json.loads(next(judged.glob("*.summary.json")).read_text())
     assert summary["n"] == 2 and summary["judge"] == "reward_model"
-    result = run_module("paper_figures", "--sweep_dir", str(cell.parents[1]), "--dataset_dir", str(pythia_data[0]))
-    figures = {p.stem for p in (cell.parents[1] / "figures").glob("*.png")}
-    assert {"rm_accuracy", "rm_vs_dpo_accuracy", "rm_calibration", "ppo_training_curves", "rm_judge_agreement"} <= figures, result.stdout
+    result = run_module("paper_figures", "--sweep_dir", str(pythia_root / "sweep"), "--dataset_dir", str(pythia_data))
+    assert "skipped" not in result.stdout, result.stdout
+    assert {p.stem for p in (pythia_root / "sweep" / "figures").glob("*.png")} == {
+        "win_rate_vs_size", "win_rate_vs_length", "rouge_vs_size", "rm_accuracy", "rm_vs_dpo_accuracy", "rm_calibration",
+        "rm_judge_agreement", "length_controlled_win_rate", "ppo_training_curves", "sft_token_lengths",
+        "preference_token_lengths", "confidence_distribution", "policy_distribution", "policy_pair_distribution"}
 
 
 def _table(path: Path):
