@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,12 +74,15 @@ def build_once(tmp_path_factory, name: str, build: Callable[[], Path]) -> Path:
         if failed.exists():
             pytest.fail(f"the shared fixture {name!r} failed in another worker:\n{failed.read_text()[-3000:]}")
         if not done.exists():
+            start = time.time()
             try:
                 result = build()
             except BaseException as error:
                 failed.write_text(f"{type(error).__name__}: {error}")
                 raise
             done.write_text(str(result))
+            with (root / "builds.tsv").open("a") as log:
+                log.write(f"{name}\t{os.environ.get('PYTEST_XDIST_WORKER', 'main')}\t{start}\t{time.time()}\n")
         return Path(done.read_text())
 
 
@@ -87,18 +91,51 @@ END_TO_END_FIXTURES = {"embedded_dir", "embedded_dir_m", "embedded_dir_all", "em
                        "ppo_run", "dpo_run", "embedded_sweep", "sweep_dir", "sweep", "view_inputs"}
 
 
+# What a test waits for, by the fixtures it asks for: the run order hands each worker the tests whose inputs are
+# ready (or that it builds itself) before the tests that would block on another worker's build.
+WAITS_FOR = (
+    ({"ppo_run", "dpo_run", "sweep_dir", "sweep"}, 4),
+    ({"sft_run", "reward_run", "runs_dir"}, 3),
+    ({"embedded_dir", "embedded_dir_m", "embedded_dir_all", "embedded_dataset", "embedded_tokenizer", "embedded_sweep",
+      "view_inputs"}, 2),
+)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Mark the end-to-end tests `slow`, and order the run for two workers: first one test that needs every
-    embedded run (its worker starts the embedded build at once), then every fast test (the other worker runs
-    them meanwhile), then the rest, in their files' order."""
+    """Mark the end-to-end tests `slow`, and order the run for several workers: first one test that needs the PPO
+    and DPO runs (its worker builds the embedded chain at once), then every fast test, the slow tests that build
+    their own inputs, those that need the embedded assets only, then those that need the SFT / RM runs, then the
+    PPO / DPO runs (stable within each group: files and tests keep their order)."""
+    def waits_for(item) -> int:
+        names = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("slow") is None:
+            return 0
+        return next((rank for fixtures, rank in WAITS_FOR if fixtures & names), 1)
+
     for item in items:
         if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    deepest = next((i for i, item in enumerate(items) if {"ppo_run", "dpo_run"} <= set(getattr(item, "fixturenames", ()))), None)
-    first = [items.pop(deepest)] if deepest is not None else []
-    fast = [item for item in items if item.get_closest_marker("slow") is None]
-    slow = [item for item in items if item.get_closest_marker("slow") is not None]
-    items[:] = first + fast + slow
+    starter = next((i for i, item in enumerate(items) if {"ppo_run", "dpo_run"} <= set(getattr(item, "fixturenames", ()))), None)
+    first = [items.pop(starter)] if starter is not None else []
+    items[:] = first + sorted(items, key=waits_for)
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """The shared fixtures' build times (which worker built what, and when), to see the run's critical path."""
+    base = getattr(config, "_tmp_path_factory", None)
+    if base is None or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    try:
+        log = base.getbasetemp() / "shared" / "builds.tsv"
+    except OSError:
+        return
+    if log.exists():
+        terminalreporter.write_sep("=", "shared fixture builds (seconds since the first build started)")
+        rows = [line.split("\t") for line in log.read_text().splitlines()]
+        origin = min(float(row[2]) for row in rows)
+        for name, worker, start, end in sorted(rows, key=lambda row: float(row[2])):
+            terminalreporter.write_line(f"{name:24s} {worker:8s} {float(start) - origin:7.0f} -> {float(end) - origin:7.0f}"
+                                        f"  ({float(end) - float(start):.0f} s)")
 
 
 def run_module(module: str, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -56,9 +56,32 @@ def test_every_cli_field_has_a_docstring():
                     assert documented or nested, f"{filename}: {cls.name}.{node.target.id} has no docstring"
 
 
-def test_stage_help_parses():
-    from conftest import run_module
+# `python -m summarize_from_feedback_details.<stage> <preset> --help` for every stage and preset, each run as
+# `python -m` runs it (runpy, run_name "__main__"), in ONE interpreter: torch and transformers are imported once.
+HELP_SCRIPT = """
+import contextlib, io, json, runpy, sys
+out = {}
+for module in ("sft", "reward", "ppo", "dpo"):
+    for preset in ("pythia", "embedded"):
+        sys.argv, text = [module, preset, "--help"], io.StringIO()
+        with contextlib.redirect_stdout(text):
+            try:
+                runpy.run_module(f"summarize_from_feedback_details.{module}", run_name="__main__", alter_sys=True)
+                code = None
+            except SystemExit as error:
+                code = error.code
+        out[f"{module} {preset}"] = [code, text.getvalue()]
+print(json.dumps(out))
+"""
 
-    for module in ("sft", "reward", "ppo", "dpo"):
-        for preset in ("pythia", "embedded"):
-            assert "--batch_size" in run_module(module, preset, "--help").stdout
+
+def test_stage_help_parses():
+    import json
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", HELP_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    helps = json.loads(result.stdout.splitlines()[-1])
+    assert len(helps) == 8
+    for name, (code, text) in helps.items():
+        assert code == 0 and "--batch_size" in text and "--seed" in text, (name, code, text[-500:])
