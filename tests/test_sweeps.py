@@ -79,6 +79,11 @@ def split_launch(argv: list[str]) -> tuple[Any, str, list[str]]:
 # ----------------------------------------------------------------------------------------------
 # The local sweep, for real, on the embedded default
 # ----------------------------------------------------------------------------------------------
+# The four tests on the shared sweep run in file order on one xdist worker: the later ones add judge/ and figures/
+# to the cells that the first one checks are absent (`--dist loadgroup`, pyproject's addopts).
+SWEEP_IN_ORDER = pytest.mark.xdist_group("embedded_sweep")
+
+
 @pytest.fixture(scope="module")
 def embedded_sweep(embedded_dir_m: Path, embedded_dataset: Path, tmp_path_factory) -> Path:
     """2 sizes x 2 seeds x (SFT, RM, PPO, DPO) at reduced lengths, two cells at a time."""
@@ -93,6 +98,7 @@ def embedded_sweep(embedded_dir_m: Path, embedded_dataset: Path, tmp_path_factor
     return build_once(tmp_path_factory, "embedded_sweep", build)  # one build for every xdist worker
 
 
+@SWEEP_IN_ORDER
 def test_local_sweep_writes_every_cell(embedded_sweep: Path, embedded_dir: Path, embedded_dataset: Path):
     """Every (size, seed) cell holds the four run directories with their models, tables and metrics; each
     stage ran on its own cell's size, seed and upstream models, at the reduced lengths."""
@@ -142,6 +148,7 @@ def test_local_sweep_writes_every_cell(embedded_sweep: Path, embedded_dir: Path,
     print("stage seconds:", {row[0]: int(row[1]) for row in timings})
 
 
+@SWEEP_IN_ORDER
 def test_rerun_skips_finished_stages(embedded_sweep: Path, embedded_dir: Path, embedded_dataset: Path):
     """A resumed sweep skips every stage whose metrics.json exists; --force reruns them (dry run: nothing runs)."""
     common = [SWEEP, "--embedded", "--embedded_dir", embedded_dir, "--dataset", embedded_dataset, "--sweep_dir", embedded_sweep,
@@ -153,6 +160,7 @@ def test_rerun_skips_finished_stages(embedded_sweep: Path, embedded_dir: Path, e
     assert [c[2] for c in forced[1:]] == [f"{PACKAGE}.{stage}" for _ in SIZES for _ in SEEDS for stage in STAGES]
 
 
+@SWEEP_IN_ORDER
 def test_judge_step_on_the_sweep(embedded_sweep: Path, embedded_dir: Path, embedded_dataset: Path):
     """The step after the training chain, on the sweep's own outputs: the gold judge of each cell's SFT, PPO and
     DPO validation tables, each into {cell}/judge/{policy}/."""
@@ -167,6 +175,7 @@ def test_judge_step_on_the_sweep(embedded_sweep: Path, embedded_dir: Path, embed
                 assert summary["judge"] == "gold" and summary["rows"] == 8 and f"/{policy}/" in summary["table"]
 
 
+@SWEEP_IN_ORDER
 def test_figures_step_on_the_sweep(embedded_sweep: Path, embedded_dir: Path, embedded_dataset: Path):
     """The last step: the sweep's figures, drawn from its cells into {sweep_dir}/figures."""
     _require_module("paper_figures")
