@@ -623,6 +623,7 @@ def pretrain_model(size: ModelSize, tokenizer: Any, documents: Sequence[str], co
     tail = losses[-20:]
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
+        "pretrain_steps": size.pretrain_steps,
         "final_loss": round(sum(tail) / len(tail), 4),
         "first_loss": round(losses[0], 4),
         "corpus_tokens": len(ids),
@@ -632,12 +633,13 @@ def pretrain_model(size: ModelSize, tokenizer: Any, documents: Sequence[str], co
 
 def ensure_built(
     out_dir: str | Path = "assets/embedded", config: BuildConfig | None = None, force: bool = False,
-    sizes: Sequence[str] | None = None,
+    sizes: Sequence[str] | None = None, pretrain_steps: int | None = None,
 ) -> dict[str, Any]:
     """Build whatever part of the embedded assets is missing or stale; returns the manifest.
 
     `sizes` names the models to pre-train (default: every size of MODEL_SIZES); data and tokenizer are
-    always built."""
+    always built. `pretrain_steps` replaces every size's own step count (quick builds and the tests' size
+    comparison); the count is part of each model's stamp, so a model built with other steps is rebuilt."""
     import torch
 
     config = config or BuildConfig()
@@ -645,7 +647,11 @@ def ensure_built(
     unknown = sorted(set(sizes or ()) - set(known))
     if unknown:
         raise ValueError(f"unknown embedded model size(s) {unknown}: choose from {known}")
-    wanted = [size for size in MODEL_SIZES if sizes is None or size.name in sizes]
+    if pretrain_steps is not None and pretrain_steps < 1:
+        raise ValueError(f"--pretrain_steps {pretrain_steps}: give a positive step count, or leave it out for each size's own "
+                         f"({', '.join(f'{size.name} {size.pretrain_steps}' for size in MODEL_SIZES)})")
+    wanted = [dataclasses.replace(size, pretrain_steps=pretrain_steps or size.pretrain_steps)
+              for size in MODEL_SIZES if sizes is None or size.name in sizes]
     out = Path(out_dir)
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() and not force else {}
@@ -711,6 +717,8 @@ class BuildArgs:
     """rebuild everything even if it is already built"""
     sizes: tuple[str, ...] = tuple(size.name for size in MODEL_SIZES)
     """the model sizes to pre-train (each takes 1-3 minutes on 2 CPU cores)"""
+    pretrain_steps: int | None = None
+    """pre-training steps of every size (default: each size's own, 1,000); fewer for a quick look"""
     config: BuildConfig = dataclasses.field(default_factory=BuildConfig)
 
 
@@ -718,4 +726,5 @@ if __name__ == "__main__":
     import tyro
 
     build_args = tyro.cli(BuildArgs, description="Build the embedded offline TL;DR-like task.", use_underscores=True)
-    print(json.dumps(ensure_built(build_args.out_dir, build_args.config, build_args.force, build_args.sizes), indent=2))
+    print(json.dumps(ensure_built(build_args.out_dir, build_args.config, build_args.force, build_args.sizes,
+                                  build_args.pretrain_steps), indent=2))

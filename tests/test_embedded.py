@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import json
 import shutil
@@ -9,6 +10,7 @@ import statistics
 
 import pytest
 
+from conftest import SIZES_PRETRAIN_STEPS
 from summarize_from_feedback_details import embedded as E
 from summarize_from_feedback_details.core import CNNDM_BATCHES, load_tokenizer
 from summarize_from_feedback_details.tldr_dataset import PREFERENCE_FIELDS, SFT_FIELDS
@@ -113,9 +115,10 @@ def test_tokenizer_is_pythia_like(embedded_dir):
         assert tok.encode(" " + row["summary"] + "<|endoftext|>")[-1] == 0
 
 
-def test_models_load_like_hub_models_and_bigger_is_better(embedded_dir_all):
-    """Each size loads with AutoModelForCausalLM; on held-out posts the bigger models have a lower LM loss than s."""
-    embedded_dir = embedded_dir_all
+def test_models_load_like_hub_models_and_bigger_is_better(embedded_sizes_dir):
+    """Each size loads with AutoModelForCausalLM; after the same pre-training steps, the bigger models have a lower
+    held-out LM loss (CI pre-trains every size for SIZES_PRETRAIN_STEPS; the shipped 1,000 steps: README)."""
+    embedded_dir = embedded_sizes_dir
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -134,26 +137,33 @@ def test_models_load_like_hub_models_and_bigger_is_better(embedded_dir_all):
         out = model.generate(**tok("TITLE: hello", return_tensors="pt"), max_new_tokens=5, min_new_tokens=5, do_sample=False)
         assert out.shape[1] == len(tok("TITLE: hello")["input_ids"]) + 5
     assert sizes == sorted(sizes) and len(set(sizes)) == 3
-    # 1,000 pre-training steps bring all three near the templated corpus's floor: measured held-out 0.513 /
-    # 0.509 / 0.499 for s / m / l on task v4 (0.512 / 0.471 / 0.479 on v3). Bigger is better, by little.
+    manifest = json.loads((embedded_dir / "manifest.json").read_text())
+    assert {m["pretrain_steps"] for m in manifest["models"].values()} == {SIZES_PRETRAIN_STEPS}  # a fair comparison
+    # Measured held-out loss for s / m / l on task v4: 1.173 / 0.951 / 0.925 after 150 steps; after the shipped
+    # 1,000 all three are near the templated corpus's floor, 0.513 / 0.509 / 0.499 (bigger is better, by little).
     assert losses[0] > losses[1] > losses[2] and losses[0] > losses[2] + 0.005, losses
     assert losses[2] < 2.0  # the models learned the corpus (uniform would be ln(2048) = 7.6)
 
 
-def test_built_assets_are_reused_and_rebuilt_deterministically(embedded_dir_all, tmp_path):
-    """A second call rebuilds nothing; a missing part is rebuilt alone, identically (seeded BPE)."""
-    embedded_dir = embedded_dir_all
+def test_built_assets_are_reused_and_rebuilt_deterministically(embedded_sizes_dir, tmp_path):
+    """A second call rebuilds nothing; a missing part is rebuilt alone, identically (seeded BPE); a model built
+    with other pre-training steps is stale."""
+    embedded_dir = embedded_sizes_dir
     weights = embedded_dir / "models" / "tiny-pythia-s" / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    manifest = E.ensure_built(embedded_dir)
+    manifest = E.ensure_built(embedded_dir, pretrain_steps=SIZES_PRETRAIN_STEPS)
     assert weights.stat().st_mtime_ns == before
     assert set(manifest["models"]) == {size.name for size in E.MODEL_SIZES}
+    stamp = json.loads((embedded_dir / "models" / "tiny-pythia-s" / "embedded_stamp.json").read_text())
+    assert stamp["size"]["pretrain_steps"] == SIZES_PRETRAIN_STEPS
+    assert not E._is_built(embedded_dir / "models" / "tiny-pythia-s",
+                           {**E._stamp(E.BuildConfig(), "model"), "size": dataclasses.asdict(E.MODEL_SIZES[0])})
 
     copy = tmp_path / "embedded"
     shutil.copytree(embedded_dir, copy)
     copied_weights = copy / "models" / "tiny-pythia-s" / "model.safetensors"
     copied_mtime = copied_weights.stat().st_mtime_ns
     shutil.rmtree(copy / "tokenizer")
-    E.ensure_built(copy)
+    E.ensure_built(copy, pretrain_steps=SIZES_PRETRAIN_STEPS)
     assert filecmp.cmp(copy / "tokenizer" / "tokenizer.json", embedded_dir / "tokenizer" / "tokenizer.json", shallow=False)
     assert copied_weights.stat().st_mtime_ns == copied_mtime  # the models were not retrained

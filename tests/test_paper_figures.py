@@ -95,10 +95,10 @@ def build_sweep(root: Path, runs: dict[str, Path], models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(sft_run, reward_run, ppo_run, dpo_run, embedded_dir_m, tmp_path_factory) -> Path:
+def sweep_dir(sft_run, reward_run, ppo_run, dpo_run, embedded_sizes_dir, tmp_path_factory) -> Path:
     runs = {"sft": sft_run, "reward": reward_run, "ppo": ppo_run, "dpo": dpo_run}
     return build_once(tmp_path_factory, "figures_sweep",  # one build for every xdist worker
-                      lambda: build_sweep(shared_root(tmp_path_factory) / "figures_sweep", runs, embedded_dir_m / "models"))
+                      lambda: build_sweep(shared_root(tmp_path_factory) / "figures_sweep", runs, embedded_sizes_dir / "models"))
 
 
 @pytest.fixture(scope="module")
@@ -171,12 +171,12 @@ def test_bad_sweep_dirs_are_one_clear_error(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The figures, from the sweep
 # ----------------------------------------------------------------------------------------------
-def test_sweep_is_read_in_size_order(sweep, embedded_dir_m):
+def test_sweep_is_read_in_size_order(sweep, embedded_sizes_dir):
     assert [s.name for s in sweep.sizes] == ["tiny-pythia-s", "tiny-pythia-m"]
     params = {s.name: s.params for s in sweep.sizes}
     assert params["tiny-pythia-s"] < params["tiny-pythia-m"]
     # the weights' safetensors headers (the s cells) and the meta-device model of a config alone (the m cells) agree
-    assert params["tiny-pythia-m"] == pf.count_parameters(embedded_dir_m / "models" / "tiny-pythia-m")
+    assert params["tiny-pythia-m"] == pf.count_parameters(embedded_sizes_dir / "models" / "tiny-pythia-m")
     assert pf.count_parameters(sweep.cells[-1].stage("sft") / "model") == params["tiny-pythia-m"]
     assert not (sweep.cells[-1].stage("sft") / "model" / "model.safetensors").exists()
     assert sweep.seeds == [1, 2] and len(sweep.cells) == 4

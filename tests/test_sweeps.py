@@ -85,12 +85,12 @@ SWEEP_IN_ORDER = pytest.mark.xdist_group("embedded_sweep")
 
 
 @pytest.fixture(scope="module")
-def embedded_sweep(embedded_dir_m: Path, embedded_dataset: Path, tmp_path_factory) -> Path:
+def embedded_sweep(embedded_sizes_dir: Path, embedded_dataset: Path, tmp_path_factory) -> Path:
     """2 sizes x 2 seeds x (SFT, RM, PPO, DPO) at reduced lengths, two cells at a time."""
     def build() -> Path:
         sweep_dir = shared_root(tmp_path_factory) / "sweep" / "embedded"
         start = time.time()
-        bash(SWEEP, "--embedded", "--embedded_dir", embedded_dir_m, "--dataset", embedded_dataset, "--sweep_dir", sweep_dir,
+        bash(SWEEP, "--embedded", "--embedded_dir", embedded_sizes_dir, "--dataset", embedded_dataset, "--sweep_dir", sweep_dir,
              "--sizes", " ".join(SIZES), "--seeds", " ".join(map(str, SEEDS)), "--reduced", "--jobs", "2")
         print(f"embedded sweep, {len(SIZES)} sizes x {len(SEEDS)} seeds x {len(STAGES)} stages: {time.time() - start:.0f} s")
         return sweep_dir
@@ -99,7 +99,7 @@ def embedded_sweep(embedded_dir_m: Path, embedded_dataset: Path, tmp_path_factor
 
 
 @SWEEP_IN_ORDER
-def test_local_sweep_writes_every_cell(embedded_sweep: Path, embedded_dir: Path, embedded_dataset: Path):
+def test_local_sweep_writes_every_cell(embedded_sweep: Path, embedded_sizes_dir: Path, embedded_dataset: Path):
     """Every (size, seed) cell holds the four run directories with their models, tables and metrics; each
     stage ran on its own cell's size, seed and upstream models, at the reduced lengths."""
     import pandas as pd
@@ -135,7 +135,7 @@ def test_local_sweep_writes_every_cell(embedded_sweep: Path, embedded_dir: Path,
                     assert args["sft_model_path"] == str(cell / "sft" / "model")
                 if stage in ("ppo", "dpo"):
                     assert args["reward_model_path"] == str(cell / "reward" / "model")
-            assert json.loads((cell / "sft" / "args.json").read_text())["base_model"] == str(embedded_dir / "models" / size)
+            assert json.loads((cell / "sft" / "args.json").read_text())["base_model"] == str(embedded_sizes_dir / "models" / size)
             assert json.loads((cell / "sft" / "model" / "config.json").read_text())["hidden_size"] == hidden[size]
             for table in ("ppo/query_responses_validation.csv", "dpo/query_responses_test.csv", "sft/eval_query_responses_validation.csv"):
                 assert len(pd.read_csv(cell / table)) == 8

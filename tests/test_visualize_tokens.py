@@ -80,7 +80,7 @@ def parse_view(path: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def view_inputs(embedded_dir_all: Path, embedded_dataset: Path, tmp_path_factory) -> dict:
+def view_inputs(embedded_sizes_dir: Path, embedded_dataset: Path, tmp_path_factory) -> dict:
     """The embedded dataset, base model and a reward model: the base model's backbone with a freshly
     initialised scalar head (Detail 11) and a normalisation bias (Detail 15), saved and reloaded like
     reward.py's. Every size is pre-trained: the sampled view lets the other sizes stand in for the policies."""
@@ -89,7 +89,7 @@ def view_inputs(embedded_dir_all: Path, embedded_dataset: Path, tmp_path_factory
 
     from summarize_from_feedback_details.modeling import ScalarModel
 
-    embedded_dir = embedded_dir_all
+    embedded_dir = embedded_sizes_dir
     base = embedded_dir / "models" / "tiny-pythia-s"
     torch.manual_seed(0)
     reward_model = ScalarModel.from_backbone(str(base))
