@@ -531,6 +531,18 @@ def _is_built(directory: Path, stamp: dict[str, Any]) -> bool:
     return marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(stamp))
 
 
+def _built_with_other_steps(directory: Path, stamp: dict[str, Any]) -> int | None:
+    """The step count of a model in `directory` built exactly as `stamp` says except for its pre-training steps."""
+    marker = directory / "embedded_stamp.json"
+    if not marker.exists():
+        return None
+    built = json.loads(marker.read_text())
+    steps = built.get("size", {}).pop("pretrain_steps", None)
+    wanted = json.loads(json.dumps(stamp))
+    wanted["size"].pop("pretrain_steps")
+    return steps if built == wanted else None
+
+
 def pretraining_documents(task: dict[str, Any], seed: int, tldr_share: float) -> list[str]:
     """Raw text the tiny models see as "the internet": posts (some with a tl;dr line) and news articles."""
     rng = random.Random(seed)
@@ -639,7 +651,8 @@ def ensure_built(
 
     `sizes` names the models to pre-train (default: every size of MODEL_SIZES); data and tokenizer are
     always built. `pretrain_steps` replaces every size's own step count (quick builds and the tests' size
-    comparison); the count is part of each model's stamp, so a model built with other steps is rebuilt."""
+    comparison) and rebuilds a model pre-trained for another count; without it, a model already built with
+    another count is reused as it is, with one line saying so (its count is in its stamp and the manifest)."""
     import torch
 
     config = config or BuildConfig()
@@ -696,6 +709,11 @@ def ensure_built(
         model_dir = out / "models" / size.name
         stamp = {**_stamp(config, "model"), "size": dataclasses.asdict(size)}
         if not force and _is_built(model_dir, stamp):
+            continue
+        built_steps = _built_with_other_steps(model_dir, stamp)
+        if not force and pretrain_steps is None and built_steps is not None:
+            print(f"embedded: reusing {size.name} pre-trained for {built_steps} steps (its own count is {size.pretrain_steps}: "
+                  f"--pretrain_steps {size.pretrain_steps} rebuilds it)")
             continue
         documents = documents or pretraining_documents(get_task(), config.seed, config.pretrain_tldr_share)
         with atomic_directory(model_dir) as tmp:

@@ -104,17 +104,43 @@ WAITS_FOR = (
     ({"embedded_dir", "embedded_sizes_dir", "embedded_dataset", "embedded_tokenizer", "embedded_sweep",
       "view_inputs"}, 2),
 )
+# Fixtures that take one worker minutes to build and serve several tests: the first test that asks for one keeps its
+# place (its worker starts the build early); the others run last, when it is built, instead of idling on its lock.
+BUILT_FOR_SEVERAL = {"embedded_sweep"}
+LAST = 5
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """One test at a time, in the run order of `pytest_collection_modifyitems`: a worker is handed the next test
+    when it has at most two queued (xdist's LoadScopeScheduling with every test its own scope). Not `--dist
+    loadgroup`: with pytest 9.2 and pytest-xdist 3.8 its `xdist_group` marks are silently ignored (xdist renames
+    `item._nodeid`, which pytest 9.2 no longer reads), so tests cannot rely on sharing a worker."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class InRunOrder(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid
+
+    config.option.loadscopereorder = False
+    return InRunOrder(config, log)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark the end-to-end tests `slow`, and order the run for several workers: first one test that needs the PPO
     and DPO runs (its worker builds the embedded chain at once), then every fast test, the slow tests that build
     their own inputs, those that need the embedded assets only, then those that need the SFT / RM runs, then the
-    PPO / DPO runs (stable within each group: files and tests keep their order)."""
+    PPO / DPO runs, then the later users of a BUILT_FOR_SEVERAL fixture (stable within each group: files and
+    tests keep their order)."""
+    starters: set[str] = set()
+
     def waits_for(item) -> int:
         names = set(getattr(item, "fixturenames", ()))
         if item.get_closest_marker("slow") is None:
             return 0
+        for fixture in sorted(BUILT_FOR_SEVERAL & names):
+            if fixture in starters:
+                return LAST
+            starters.add(fixture)
         return next((rank for fixtures, rank in WAITS_FOR if fixtures & names), 1)
 
     for item in items:
@@ -122,7 +148,8 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.slow)
     starter = next((i for i, item in enumerate(items) if {"ppo_run", "dpo_run"} <= set(getattr(item, "fixturenames", ()))), None)
     first = [items.pop(starter)] if starter is not None else []
-    items[:] = first + sorted(items, key=waits_for)
+    ranks = {id(item): waits_for(item) for item in items}  # in collection order: the first user of a fixture starts it
+    items[:] = first + sorted(items, key=lambda item: ranks[id(item)])
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:

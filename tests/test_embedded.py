@@ -145,14 +145,16 @@ def test_models_load_like_hub_models_and_bigger_is_better(embedded_sizes_dir):
     assert losses[2] < 2.0  # the models learned the corpus (uniform would be ln(2048) = 7.6)
 
 
-def test_built_assets_are_reused_and_rebuilt_deterministically(embedded_sizes_dir, tmp_path):
+def test_built_assets_are_reused_and_rebuilt_deterministically(embedded_sizes_dir, tmp_path, capsys):
     """A second call rebuilds nothing; a missing part is rebuilt alone, identically (seeded BPE); a model built
-    with other pre-training steps is stale."""
+    with other pre-training steps is reused when no count is asked for (one line says so), stale when one is."""
     embedded_dir = embedded_sizes_dir
     weights = embedded_dir / "models" / "tiny-pythia-s" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     manifest = E.ensure_built(embedded_dir, pretrain_steps=SIZES_PRETRAIN_STEPS)
     assert weights.stat().st_mtime_ns == before
+    assert E.ensure_built(embedded_dir)["models"] == manifest["models"] and weights.stat().st_mtime_ns == before
+    assert f"reusing tiny-pythia-s pre-trained for {SIZES_PRETRAIN_STEPS} steps (its own count is 1000" in capsys.readouterr().out
     assert set(manifest["models"]) == {size.name for size in E.MODEL_SIZES}
     stamp = json.loads((embedded_dir / "models" / "tiny-pythia-s" / "embedded_stamp.json").read_text())
     assert stamp["size"]["pretrain_steps"] == SIZES_PRETRAIN_STEPS

@@ -79,9 +79,10 @@ def split_launch(argv: list[str]) -> tuple[Any, str, list[str]]:
 # ----------------------------------------------------------------------------------------------
 # The local sweep, for real, on the embedded default
 # ----------------------------------------------------------------------------------------------
-# The four tests on the shared sweep run in file order on one xdist worker: the later ones add judge/ and figures/
-# to the cells that the first one checks are absent (`--dist loadgroup`, pyproject's addopts).
-SWEEP_IN_ORDER = pytest.mark.xdist_group("embedded_sweep")
+# The four tests on the shared sweep run in any order, on any worker: the judge and figures steps add judge/ and
+# figures/ to it, so what the training chain alone wrote is listed when it ends (`chain_listing`).
+def _listing(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for pattern in ("*", "*/*", "*/*/*") for path in root.glob(pattern))
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +94,12 @@ def embedded_sweep(embedded_sizes_dir: Path, embedded_dataset: Path, tmp_path_fa
         bash(SWEEP, "--embedded", "--embedded_dir", embedded_sizes_dir, "--dataset", embedded_dataset, "--sweep_dir", sweep_dir,
              "--sizes", " ".join(SIZES), "--seeds", " ".join(map(str, SEEDS)), "--reduced", "--jobs", "2")
         print(f"embedded sweep, {len(SIZES)} sizes x {len(SEEDS)} seeds x {len(STAGES)} stages: {time.time() - start:.0f} s")
+        (sweep_dir.parent / "chain_listing.json").write_text(json.dumps(_listing(sweep_dir)))
         return sweep_dir
 
     return build_once(tmp_path_factory, "embedded_sweep", build)  # one build for every xdist worker
 
 
-@SWEEP_IN_ORDER
 def test_local_sweep_writes_every_cell(embedded_sweep: Path, embedded_sizes_dir: Path, embedded_dataset: Path):
     """Every (size, seed) cell holds the four run directories with their models, tables and metrics; each
     stage ran on its own cell's size, seed and upstream models, at the reduced lengths."""
@@ -108,7 +109,8 @@ def test_local_sweep_writes_every_cell(embedded_sweep: Path, embedded_sizes_dir:
     from summarize_from_feedback_details.embedded import MODEL_SIZES
 
     hidden = {size.name: size.hidden_size for size in MODEL_SIZES}
-    assert sorted(p.name for p in embedded_sweep.iterdir()) == sorted([*SIZES, "logs"])
+    chain_listing = json.loads((embedded_sweep.parent / "chain_listing.json").read_text())  # before judge / figures
+    assert [entry for entry in chain_listing if "/" not in entry] == sorted([*SIZES, "logs"])
     expected = {
         "sft": ["metrics.json", "args.json", "model/config.json", "model/model.safetensors", "model/tokenizer.json",
                 "eval_query_responses_validation.csv", "eval_query_responses_test.parquet", "base_query_responses_validation.csv"],
@@ -123,7 +125,7 @@ def test_local_sweep_writes_every_cell(embedded_sweep: Path, embedded_sizes_dir:
     for size in SIZES:
         for seed in SEEDS:
             cell = embedded_sweep / size / f"seed{seed}"
-            assert sorted(p.name for p in cell.iterdir()) == sorted(STAGES)
+            assert [e.split("/")[2] for e in chain_listing if e.startswith(f"{size}/seed{seed}/")] == sorted(STAGES)
             for stage, files in expected.items():
                 missing = [f for f in files if not (cell / stage / f).exists()]
                 assert not missing, f"{cell / stage} lacks {missing}"
@@ -148,10 +150,9 @@ def test_local_sweep_writes_every_cell(embedded_sweep: Path, embedded_sizes_dir:
     print("stage seconds:", {row[0]: int(row[1]) for row in timings})
 
 
-@SWEEP_IN_ORDER
-def test_rerun_skips_finished_stages(embedded_sweep: Path, embedded_dir: Path, embedded_dataset: Path):
+def test_rerun_skips_finished_stages(embedded_sweep: Path, embedded_sizes_dir: Path, embedded_dataset: Path):
     """A resumed sweep skips every stage whose metrics.json exists; --force reruns them (dry run: nothing runs)."""
-    common = [SWEEP, "--embedded", "--embedded_dir", embedded_dir, "--dataset", embedded_dataset, "--sweep_dir", embedded_sweep,
+    common = [SWEEP, "--embedded", "--embedded_dir", embedded_sizes_dir, "--dataset", embedded_dataset, "--sweep_dir", embedded_sweep,
               "--sizes", ",".join(SIZES), "--seeds", ",".join(map(str, SEEDS)), "--reduced", "--dry_run"]
     resumed = bash(*common).stdout
     assert [c[2] for c in commands(resumed)] == [f"{PACKAGE}.embedded"]  # only the (reusing) asset check
@@ -160,11 +161,10 @@ def test_rerun_skips_finished_stages(embedded_sweep: Path, embedded_dir: Path, e
     assert [c[2] for c in forced[1:]] == [f"{PACKAGE}.{stage}" for _ in SIZES for _ in SEEDS for stage in STAGES]
 
 
-@SWEEP_IN_ORDER
-def test_judge_step_on_the_sweep(embedded_sweep: Path, embedded_dir: Path, embedded_dataset: Path):
+def test_judge_step_on_the_sweep(embedded_sweep: Path, embedded_sizes_dir: Path, embedded_dataset: Path):
     """The step after the training chain, on the sweep's own outputs: the gold judge of each cell's SFT, PPO and
     DPO validation tables, each into {cell}/judge/{policy}/."""
-    bash(SWEEP, "--embedded", "--embedded_dir", embedded_dir, "--dataset", embedded_dataset, "--sweep_dir", embedded_sweep,
+    bash(SWEEP, "--embedded", "--embedded_dir", embedded_sizes_dir, "--dataset", embedded_dataset, "--sweep_dir", embedded_sweep,
          "--sizes", ",".join(SIZES), "--seeds", ",".join(map(str, SEEDS)), "--stages", "judge")
     for size in SIZES:
         for seed in SEEDS:
@@ -175,11 +175,10 @@ def test_judge_step_on_the_sweep(embedded_sweep: Path, embedded_dir: Path, embed
                 assert summary["judge"] == "gold" and summary["rows"] == 8 and f"/{policy}/" in summary["table"]
 
 
-@SWEEP_IN_ORDER
-def test_figures_step_on_the_sweep(embedded_sweep: Path, embedded_dir: Path, embedded_dataset: Path):
+def test_figures_step_on_the_sweep(embedded_sweep: Path, embedded_sizes_dir: Path, embedded_dataset: Path):
     """The last step: the sweep's figures, drawn from its cells into {sweep_dir}/figures."""
     _require_module("paper_figures")
-    bash(SWEEP, "--embedded", "--embedded_dir", embedded_dir, "--dataset", embedded_dataset, "--sweep_dir", embedded_sweep,
+    bash(SWEEP, "--embedded", "--embedded_dir", embedded_sizes_dir, "--dataset", embedded_dataset, "--sweep_dir", embedded_sweep,
          "--sizes", ",".join(SIZES), "--seeds", ",".join(map(str, SEEDS)), "--stages", "figures")
     assert list((embedded_sweep / "figures").glob("*.png"))
 
