@@ -12,9 +12,14 @@ each with a 95% interval (SPEC "Evaluation with an LLM judge").
 
 Reads like the protocol: load the table(s) and pair each policy summary with its baseline -> build every
 prompt (one seeded random order per row, or both orders) -> take what the verdict cache already holds ->
-ask the judge for the rest (bounded concurrency, retries with exponential backoff, every verdict appended
-to the cache and flushed at once) -> parse -> count -> write the judged table and a summary json.
-The API key is read from the environment only and is never written anywhere.
+ask the judge for the rest (bounded concurrency, each request bounded by --timeout as a whole, retries with
+exponential backoff, every answer appended to the cache and flushed the moment it arrives) -> parse -> count
+-> write the judged table and a summary json. The API key is read from the environment only; it, and any
+credential in the base URL, is never written anywhere.
+
+Exit status: 0 every row judged; 2 bad input or a request the server refused (401/403/404/400: one line);
+3 some rows failed after every retry (counted in the summary; re-running the same command asks only those);
+130 / 143 stopped by SIGINT / SIGTERM (one line; every answer received is in the cache).
 """
 
 from __future__ import annotations
@@ -27,12 +32,15 @@ import math
 import os
 import random
 import re
+import signal
+import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from summarize_from_feedback_details.core import UserInputError, run_main, write_json
 
@@ -96,15 +104,21 @@ class Args:
     max_concurrency: int = 8
     """requests in flight at once"""
     timeout: float = 60.0
-    """seconds before a request counts as timed out (and is retried)"""
+    """seconds one whole request may take (connect, wait, every byte of the body) before it is dropped and retried"""
     max_retries: int = 6
-    """retries of one request on a rate limit (429), a server error (5xx), a timeout or a dropped connection"""
+    """retries of one request on a rate limit (429), a server error (5xx), a timeout, a dropped connection or a
+    malformed reply (a body that is not JSON, JSON without `choices`); a request whose tries run out fails its row
+    (counted, exit status 3) and the run goes on"""
     backoff_initial: float = 1.0
     """seconds before the first retry; doubles at each retry (with jitter), at least the server's Retry-After"""
     backoff_max: float = 60.0
     """longest wait between two retries, in seconds"""
     cache_path: str | None = None
     """append-only jsonl of verdicts keyed by (model, full prompt, sampling parameters); None: judge_cache.jsonl in the output dir"""
+    retry_parse_failures: bool = False
+    """ask again the cached answers the protocol cannot parse (empty or garbled); by default a paid answer is never re-asked"""
+    max_answer_chars: int = 20_000
+    """longest answer kept in the cache and the table; a longer one keeps its start and end, with a note"""
     output_dir: str | None = None
     """where the judged table and the summary go; None: the directory of --table"""
     output_name: str | None = None
@@ -282,6 +296,24 @@ def parse_preference(answer: str | None) -> str | None:
     return match.group(2).upper()
 
 
+def answer_status(answer: str | None, protocol: str) -> str:
+    """`ok` when the protocol reads a verdict in the answer, else `parse_failure`: the authors' protocol needs
+    both markers and a comparison (J-1), both-orders a single letter (J-2)."""
+    if protocol == "paper":
+        parsed = parse_paper(answer)
+        return "ok" if parsed is not None and parsed[0] else "parse_failure"
+    return "ok" if parse_preference(answer) is not None else "parse_failure"
+
+
+def cut_answer(answer: str, max_chars: int) -> str:
+    """An answer of at most about `max_chars` characters: a longer one keeps its first and last `max_chars // 2`
+    (where the comparison and the verdict are) around a marker."""
+    if len(answer) <= max_chars:
+        return answer
+    half = max_chars // 2
+    return f"{answer[:half]}\n[... {len(answer) - 2 * half} characters cut ...]\n{answer[len(answer) - half:]}"
+
+
 def both_orders_outcome(letter_policy_first: str | None, letter_policy_second: str | None) -> tuple[str, float]:
     """Detail J-2: the pair's outcome from its two verdicts (policy shown as A, then as B). A win or a loss only
     when both orders agree; disagreement means the position decided, a tie (1/2); a missing letter fails the pair."""
@@ -367,6 +399,29 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def secret_values(args: Args) -> list[str]:
+    """Every secret a user can hand the judge: the API key's value and the user name, password and query values
+    of the base URL (--base_url or $OPENAI_BASE_URL). Values under 8 characters are left alone: scrubbing a
+    user name like "user" would garble every text that contains the word."""
+    parts = urlsplit(resolve_base_url(args))
+    values = [os.environ.get(args.api_key_env), parts.username, parts.password] + [v for _, v in parse_qsl(parts.query)]
+    return sorted({v for v in values if v and len(v) >= 8}, key=len, reverse=True)
+
+
+def scrub(value: Any, secrets: Sequence[str]) -> Any:
+    """`value` (a string, or dicts / lists of them) with every secret replaced by `***`: applied to everything
+    the judge writes or prints (cache lines, summary, error messages), on top of `redact_url`."""
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+        return value
+    if isinstance(value, dict):
+        return {k: scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v, secrets) for v in value]
+    return value
+
+
 def make_client(args: Args, base_url: str) -> Any:
     """An `AsyncOpenAI` client for `base_url` with the key from `$api_key_env` (its own retries off: ours
     count and back off explicitly)."""
@@ -380,7 +435,7 @@ def make_client(args: Args, base_url: str) -> Any:
                 "and never written), or point --base_url / OPENAI_BASE_URL at a local OpenAI-compatible server"
             )
         api_key = "EMPTY"  # a local server (vLLM) accepts any key unless it was started with --api-key
-    return AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=args.timeout)
+    return AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=args.timeout)  # per read: see _ask
 
 
 def _retry_after(error: Any) -> float | None:
@@ -401,10 +456,13 @@ def backoff_delay(attempt: int, args: Args, retry_after: float | None = None) ->
     return min(delay, args.backoff_max)
 
 
-def _is_retryable(error: Exception) -> bool:
+def _is_retryable(error: Exception | None) -> bool:
+    """Worth another try: a timeout (ours or the client's), a dropped connection, a malformed reply (a body
+    that is not JSON, or not a chat completion), a rate limit (429), 408, 409 or a server error (5xx)."""
     import openai
 
-    if isinstance(error, openai.APIConnectionError):  # includes APITimeoutError
+    if isinstance(error, (openai.APIConnectionError, openai.APIResponseValidationError, MalformedReply, TimeoutError,
+                          ValueError)):  # APIConnectionError includes APITimeoutError; ValueError: JSON that does not decode
         return True
     status = getattr(error, "status_code", None)
     return isinstance(error, openai.APIStatusError) and (status in (408, 409, 429) or (status or 0) >= 500)
@@ -420,66 +478,123 @@ def _fatal_message(error: Exception, args: Args, base_url: str) -> str:
     return f"the judge server {where} rejected a request ({type(error).__name__}: {str(error)[:300]})"
 
 
+class MalformedReply(Exception):
+    """A reply that is not a chat completion: no `choices`, or a choice without a message (retried like a 5xx)."""
+
+
+def reply_answer(response: Any) -> str:
+    """The answer text of a reply; `MalformedReply` when there is none to read (the client hands back a string
+    for a body served as text, and a JSON body without `choices` as an object whose `choices` is None)."""
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        raise MalformedReply(f"a reply without choices: {str(response)[:100]!r}")
+    message = getattr(choices[0], "message", None)
+    content = getattr(message, "content", None)
+    if message is None or not (content is None or isinstance(content, str)):
+        raise MalformedReply(f"a reply whose first choice has no message: {str(choices[0])[:100]!r}")
+    return content or ""  # None: a refusal or a tool call, an empty answer (a parse failure)
+
+
+def _count(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 @dataclass
 class CallStats:
     new_calls: int = 0
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    """request key -> the last error of a request whose tries ran out (its row fails; it is not cached)"""
+    fatal: str | None = None
+    """set by a request the server refused (401/403/404/400): nothing more is asked and the run stops"""
 
 
 async def _ask(client: Any, key: str, request: dict[str, Any], cache: VerdictCache, args: Args, base_url: str,
-               limiter: asyncio.Semaphore, stats: CallStats, progress: Any) -> None:
+               limiter: asyncio.Semaphore, stats: CallStats, progress: Any, secrets: Sequence[str]) -> None:
+    """One verdict: ask until an answer arrives (cached the moment it does, whatever it says), the tries run
+    out (the request is recorded as failed and the run goes on) or another request was refused (stop)."""
+    error: Exception | None = None
     for attempt in range(args.max_retries + 1):
-        try:
-            async with limiter:  # bounded concurrency; released while backing off
-                response = await client.chat.completions.create(**request)
-            break
-        except Exception as error:  # noqa: BLE001 - classified below
-            if not _is_retryable(error):
-                raise JudgeCallError(_fatal_message(error, args, base_url)) from error
-            if attempt == args.max_retries:
-                raise JudgeCallError(
-                    f"a judge request failed {args.max_retries + 1} times (last: {type(error).__name__}: {str(error)[:200]}); "
-                    "the verdicts so far are cached: re-run the same command to resume (lower --max_concurrency "
-                    "or raise --max_retries on rate limits)"
-                ) from error
+        if attempt:
             stats.retries += 1
-            await asyncio.sleep(backoff_delay(attempt, args, _retry_after(error)))
-    choice = response.choices[0]
-    usage = response.usage
-    record = {
-        "key": key, "model": request["model"], "served_model": getattr(response, "model", None),
-        "answer": choice.message.content or "", "finish_reason": choice.finish_reason,
-        "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
-        "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0), "time": time.time(),
-    }
-    cache.add(record)  # flushed before the next verdict: an interrupted run resumes from here
-    stats.new_calls += 1
-    stats.prompt_tokens += record["prompt_tokens"]
-    stats.completion_tokens += record["completion_tokens"]
+            await asyncio.sleep(backoff_delay(attempt - 1, args, _retry_after(error)))
+        async with limiter:  # bounded concurrency; released while backing off
+            if stats.fatal is not None:
+                return
+            try:
+                # The client's own timeout bounds each read of the socket (httpx semantics), so a server that
+                # trickles its body a byte at a time holds a call for ever; wait_for bounds the whole call, and
+                # cancelling it closes the connection. Simpler than a watchdog thread: everything stays in one loop.
+                response = await asyncio.wait_for(client.chat.completions.create(**request), args.timeout)
+                answer = reply_answer(response)
+            except Exception as caught:  # noqa: BLE001 - classified below
+                error = caught
+            else:
+                cache.add(scrub(verdict_record(key, request, response, answer, args), secrets))  # before anything else
+                stats.new_calls += 1
+                stats.prompt_tokens += cache[key]["prompt_tokens"]
+                stats.completion_tokens += cache[key]["completion_tokens"]
+                progress.update(1)
+                return
+        if not _is_retryable(error):
+            stats.fatal = stats.fatal or scrub(_fatal_message(error, args, base_url), secrets)
+            return
+    stats.failed[key] = scrub(f"{type(error).__name__}: {str(error)[:200]}", secrets)
     progress.update(1)
 
 
-async def _ask_all(requests: dict[str, dict[str, Any]], cache: VerdictCache, args: Args, base_url: str) -> CallStats:
+def verdict_record(key: str, request: dict[str, Any], response: Any, answer: str, args: Args) -> dict[str, Any]:
+    """The cache line of one answer: `status` says whether the protocol can read a verdict in it (a parse
+    failure keeps its raw text, and is only asked again with --retry_parse_failures); an answer longer than
+    --max_answer_chars keeps its start and end, with its full length and a note."""
+    text = cut_answer(answer, args.max_answer_chars)
+    usage = getattr(response, "usage", None)
+    served = getattr(response, "model", None)
+    record = {
+        "key": key, "model": request["model"], "served_model": None if served is None else str(served),
+        "status": answer_status(text, args.protocol), "answer": text,
+        "finish_reason": getattr(response.choices[0], "finish_reason", None),
+        "prompt_tokens": _count(getattr(usage, "prompt_tokens", 0)),
+        "completion_tokens": _count(getattr(usage, "completion_tokens", 0)), "time": time.time(),
+    }
+    if text != answer:
+        record["answer_chars"] = len(answer)
+        record["note"] = f"answer cut to its first and last {args.max_answer_chars // 2} of {len(answer)} characters"
+    return record
+
+
+def to_ask(requests: dict[str, dict[str, Any]], cache: VerdictCache, args: Args) -> dict[str, dict[str, Any]]:
+    """The requests without a cached answer, and with --retry_parse_failures those whose answer is unparseable."""
+    return {key: request for key, request in requests.items() if key not in cache
+            or (args.retry_parse_failures and answer_status(cache[key]["answer"], args.protocol) == "parse_failure")}
+
+
+async def _ask_all(missing: dict[str, dict[str, Any]], cache: VerdictCache, args: Args, base_url: str,
+                   secrets: Sequence[str]) -> CallStats:
     from tqdm.auto import tqdm
 
     stats = CallStats()
-    missing = {key: request for key, request in requests.items() if key not in cache}
     if not missing:
         return stats
     client = make_client(args, base_url)
     limiter = asyncio.Semaphore(args.max_concurrency)
     with tqdm(total=len(missing), desc="judge calls", mininterval=2.0) as progress:
-        tasks = [asyncio.ensure_future(_ask(client, key, request, cache, args, base_url, limiter, stats, progress))
+        tasks = [asyncio.ensure_future(_ask(client, key, request, cache, args, base_url, limiter, stats, progress, secrets))
                  for key, request in missing.items()]
         try:
-            await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks)  # a refused request lets the calls in flight finish (and be cached)
         finally:
-            for task in tasks:  # on the first fatal error, stop the others (finished verdicts stay cached)
+            for task in tasks:  # only when interrupted: nothing is left to cancel otherwise
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await client.close()
+    if stats.fatal is not None:
+        raise JudgeCallError(f"{stats.fatal}; the {stats.new_calls} answers received are cached")
     return stats
 
 
@@ -564,33 +679,38 @@ def judge_with_llm(pairs: Any, args: Args) -> tuple[Any, dict[str, Any]]:
     cache = VerdictCache(cache_path)
     asks = llm_requests(pairs, args)
     requests = {request_key(request): request for _, _, request in asks}
-    cached = sum(key in cache for key in requests)
-    print(f"judge: {len(pairs)} pairs, {len(requests)} verdicts ({args.protocol}), {cached} cached, "
-          f"{len(requests) - cached} to ask {args.model} at {redact_url(base_url)}")
+    missing = to_ask(requests, cache, args)
+    reasked = sum(key in cache for key in missing)
+    print(f"judge: {len(pairs)} pairs, {len(requests)} verdicts ({args.protocol}), {len(requests) - len(missing)} cached, "
+          f"{len(missing)} to ask{f' ({reasked} parse failures again)' if reasked else ''} {args.model} at {redact_url(base_url)}")
     try:
-        stats = asyncio.run(_ask_all(requests, cache, args, base_url))
+        stats = asyncio.run(_ask_all(missing, cache, args, base_url, secret_values(args)))
     finally:
         cache.close()
-    verdicts = [cache[request_key(request)] for _, _, request in asks]
+    # None: a request whose tries ran out (not cached: the next run asks it again)
+    verdicts = [cache.records.get(request_key(request)) for _, _, request in asks]
+    answers = [v["answer"] if v else None for v in verdicts]
     table = pairs.copy()
     if args.protocol == "paper":
-        rows = [paper_outcome(shuffled_index, verdict["answer"]) for (_, shuffled_index, _), verdict in zip(asks, verdicts, strict=True)]
+        rows = [paper_outcome(shuffled_index, answer) for (_, shuffled_index, _), answer in zip(asks, answers, strict=True)]
         table["shuffled_index"] = [shuffled_index for _, shuffled_index, _ in asks]
-        table["judge_answer"] = [v["answer"] for v in verdicts]
+        table["judge_answer"] = answers
+        table["judge_status"] = ["failed" if v is None else answer_status(v["answer"], "paper") for v in verdicts]
         for key in ("explanation", "preferred_letter", "preferred", "win"):
             table[key] = [row[key] for row in rows]
         counted = table[table["win"].notna()]
         bias = position_bias(list(counted["shuffled_index"] == 0), list(counted["win"] == 1.0))
-        failures = int(table["win"].isna().sum())
+        failed_rows = int((table["judge_status"] == "failed").sum())
+        failures = int(table["win"].isna().sum()) - failed_rows
         num_verdicts = len(table)
     else:
-        first, second = verdicts[0::2], verdicts[1::2]
-        table["answer_policy_first"] = [v["answer"] for v in first]
-        table["answer_policy_second"] = [v["answer"] for v in second]
-        letters_first = [parse_preference(v["answer"]) for v in first]
-        letters_second = [parse_preference(v["answer"]) for v in second]
+        first, second = answers[0::2], answers[1::2]
+        table["answer_policy_first"], table["answer_policy_second"] = first, second
+        letters_first = [parse_preference(a) for a in first]
+        letters_second = [parse_preference(a) for a in second]
         table["letter_policy_first"], table["letter_policy_second"] = letters_first, letters_second
-        outcomes = [both_orders_outcome(a, b) for a, b in zip(letters_first, letters_second, strict=True)]
+        outcomes = [("failed", math.nan) if a is None or b is None else both_orders_outcome(letter_a, letter_b)
+                    for a, b, letter_a, letter_b in zip(first, second, letters_first, letters_second, strict=True)]
         table["outcome"] = [o for o, _ in outcomes]
         table["win"] = [w for _, w in outcomes]
         counted = table[table["win"].notna()]
@@ -599,13 +719,15 @@ def judge_with_llm(pairs: Any, args: Args) -> tuple[Any, dict[str, Any]]:
         bias = position_bias([True] * n + [False] * n,
                              list(counted["letter_policy_first"] == "A") + list(counted["letter_policy_second"] == "B"))
         bias["order_disagreement_rate"] = float((counted["outcome"] == "tie").mean()) if n else None
-        failures = sum(letter is None for letter in letters_first + letters_second)
+        failures = sum(answer is not None and parse_preference(answer) is None for answer in answers)
+        failed_rows = int((table["outcome"] == "failed").sum())
         num_verdicts = 2 * len(table)
-    prompt_tokens = sum(v["prompt_tokens"] for v in verdicts)
-    completion_tokens = sum(v["completion_tokens"] for v in verdicts)
+    answered = [v for v in verdicts if v is not None]
+    prompt_tokens = sum(v["prompt_tokens"] for v in answered)
+    completion_tokens = sum(v["completion_tokens"] for v in answered)
     extra = {
         "model": args.model,
-        "served_models": sorted({str(v.get("served_model")) for v in verdicts}),
+        "served_models": sorted({str(v.get("served_model")) for v in answered}),
         "base_url": redact_url(base_url),
         "protocol": args.protocol,
         "template": args.template,
@@ -614,8 +736,14 @@ def judge_with_llm(pairs: Any, args: Args) -> tuple[Any, dict[str, Any]]:
         "verdicts": num_verdicts,
         "parse_failures": failures,
         "parse_failure_rate": failures / num_verdicts,
+        "parse_failures_asked_again": reasked,
+        "failed_rows": failed_rows,
+        "failed_requests": len(stats.failed),
+        "failure_reasons": dict(Counter(reason.split(":")[0] for reason in stats.failed.values())),
+        "max_tries": args.max_retries + 1,
+        "answers_cut": sum("note" in v for v in answered),
         "position_bias": bias,
-        "calls": {"cached": len(requests) - stats.new_calls, "new": stats.new_calls, "retries": stats.retries},
+        "calls": {"cached": len(requests) - len(missing), "new": stats.new_calls, "retries": stats.retries},
         "tokens": {"prompt": prompt_tokens, "completion": completion_tokens, "total": prompt_tokens + completion_tokens},
         "tokens_this_run": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
         "cost_usd": _cost(prompt_tokens, completion_tokens, args),
@@ -745,6 +873,9 @@ def check_args(args: Args) -> None:
         raise UserInputError("--max_concurrency must be >= 1, --max_retries >= 0 and --timeout > 0")
     if args.max_rows is not None and args.max_rows < 1:
         raise UserInputError("--max_rows must be >= 1")
+    if args.max_answer_chars < 100:
+        raise UserInputError(f"--max_answer_chars {args.max_answer_chars} keeps too little of an answer to read its verdict; "
+                             "pass at least 100 (default 20000)")
     if (args.price_input_per_million is None) != (args.price_output_per_million is None):
         raise UserInputError("give both --price_input_per_million and --price_output_per_million, or neither")
     if args.judge == "reward_model" and not args.reward_model_path:
@@ -762,7 +893,8 @@ def main(args: Args) -> dict[str, Any]:
     else:
         table, extra = judge_with_reward_model(pairs, args)
     if args.judge != "llm":
-        extra = {"protocol": None, "parse_failures": 0, "parse_failure_rate": 0.0, "position_bias": None, **extra}
+        extra = {"protocol": None, "parse_failures": 0, "parse_failure_rate": 0.0, "failed_rows": 0, "position_bias": None,
+                 **extra}
     out_dir = _output_dir(args)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / output_name(args)
@@ -777,18 +909,62 @@ def main(args: Args) -> dict[str, Any]:
         "baseline": args.baseline_table or "reference",
         "outputs": [str(p) for p in paths],
         "seconds": round(time.time() - start, 2),
-        "args": dataclasses.asdict(args),  # holds the name of the key's variable, never the key
+        # the name of the key's variable, never the key; the base URL without credentials
+        "args": {**dataclasses.asdict(args), "base_url": args.base_url and redact_url(args.base_url)},
     }
+    summary = scrub(summary, secret_values(args))
     write_json(stem.with_name(stem.name + ".summary.json"), summary)
     interval = f"[{summary['ci_low']:.3f}, {summary['ci_high']:.3f}]" if summary["n"] else "[-]"
     rate = f"{summary['win_rate']:.3f}" if summary["n"] else "-"
     print(f"judge {args.judge}{' ' + args.protocol if args.judge == 'llm' else ''}: win rate {rate} {interval} over "
           f"{summary['n']} pairs ({summary['wins']} wins, {summary['ties']} ties, {summary['losses']} losses, "
           f"{summary['not_counted']} not counted) -> {stem}.summary.json")
+    if summary["failed_rows"]:
+        failed = summary["failed_rows"]
+        print(f"judge: {failed} row{'s' if failed > 1 else ''} failed after {summary['max_tries']} tries; re-run the same "
+              "command to retry only those", file=sys.stderr)
     return summary
+
+
+EXIT_FAILED_ROWS = 3
+"""exit status when some rows failed after every retry (the outputs and the summary are written)"""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: raised in the main thread, so the asyncio run cancels its calls, closes the client and
+    the cache file, and the command line ends with one line instead of a traceback."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def _main_with_status(args: Args) -> None:
+    if main(args)["failed_rows"]:
+        raise SystemExit(EXIT_FAILED_ROWS)
+
+
+def cli(args: Args) -> None:
+    """The command line: `main` with the exit statuses of the module docstring."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, _interrupt)
+    try:
+        run_main(_main_with_status, args)
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        print(f"judge: stopped by {signal.Signals(signum).name}; every answer received is in the cache: re-run the "
+              "same command to resume", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+
+
+CLI_DESCRIPTION = __doc__.split("\n\n")[0].replace("\n", " ") + "\n\nExit status:" + __doc__.split("Exit status:")[1].rstrip()
 
 
 if __name__ == "__main__":
     import tyro
 
-    run_main(main, tyro.cli(Args, description=__doc__.splitlines()[0], use_underscores=True))
+    cli(tyro.cli(Args, description=CLI_DESCRIPTION, use_underscores=True))

@@ -1,12 +1,14 @@
 """The judge (judge.py): the real `openai` client against a real HTTP server on 127.0.0.1, the authors' protocol
-(J-1) and the both-orders protocol (J-2), retries, the verdict cache across a killed run, the offline judges,
-and the real GPT-4 verdicts of shared/data (640/1000)."""
+(J-1) and the both-orders protocol (J-2), retries, the verdict cache across a killed run, a hostile server (malformed
+replies, trickled bodies, unparseable and huge answers, echoed keys, SIGTERM / SIGINT), the offline judges, and the
+real GPT-4 verdicts of shared/data (640/1000)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -52,13 +54,21 @@ def rule_judge(body: dict, attempt: int) -> tuple[int, str, float]:
 
 
 class JudgeServer:
-    """`ThreadingHTTPServer` in a thread; records every request (body and Authorization header)."""
+    """`ThreadingHTTPServer` in a thread; records every request (body and Authorization header), and counts the
+    requests for a prompt whose answer it had already delivered in full (`reasked`).
 
-    def __init__(self, decide=rule_judge):
+    `decide(body, attempt)` returns (status, answer, delay) or (status, answer, delay, mode), mode one of
+    `json` (a chat completion), `nonjson` (a 200 body that is not JSON), `nochoices` (JSON without `choices`),
+    `trickle` (the answer sent a byte at a time over `trickle_seconds`), `drop` (the connection closed, no reply)."""
+
+    def __init__(self, decide=rule_judge, trickle_seconds: float = 2.5):
         self.decide = decide
+        self.trickle_seconds = trickle_seconds
         self.requests: list[dict] = []
         self.authorization: list[str | None] = []
         self.attempts: Counter = Counter()
+        self.delivered: Counter = Counter()
+        self.reasked = 0
         self.lock = threading.Lock()
         server = self
 
@@ -69,13 +79,16 @@ class JudgeServer:
                     prompt = body["messages"][-1]["content"]
                     attempt = server.attempts[prompt]
                     server.attempts[prompt] += 1
+                    server.reasked += server.delivered[prompt] > 0
                     server.requests.append(body)
                     server.authorization.append(self.headers.get("Authorization"))
-                if self.path != "/v1/chat/completions":
-                    status, content, delay = 404, "unknown path", 0.0
-                else:
-                    status, content, delay = server.decide(body, attempt)
+                reply = (404, "unknown path", 0.0) if self.path != "/v1/chat/completions" else server.decide(body, attempt)
+                status, content, delay = reply[:3]
+                mode = reply[3] if len(reply) > 3 else "json"
                 time.sleep(delay)
+                if mode == "drop":
+                    self.close_connection = True
+                    return
                 if status == 200:
                     payload = {
                         "id": f"chatcmpl-{len(server.requests)}", "object": "chat.completion", "created": 0,
@@ -86,7 +99,9 @@ class JudgeServer:
                     }
                 else:
                     payload = {"error": {"message": content, "type": "test_error", "code": None}}
-                data = json.dumps(payload).encode()
+                if mode == "nochoices":
+                    del payload["choices"]
+                data = b"<html><body>502 Bad Gateway</body></html>" if mode == "nonjson" else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -94,7 +109,15 @@ class JudgeServer:
                     if status == 429:
                         self.send_header("Retry-After", "0")
                     self.end_headers()
-                    self.wfile.write(data)
+                    if mode == "trickle":
+                        for i in range(len(data)):
+                            self.wfile.write(data[i : i + 1])
+                            time.sleep(server.trickle_seconds / len(data))
+                    else:
+                        self.wfile.write(data)
+                    if status == 200 and mode in ("json", "trickle") and delay == 0:
+                        with server.lock:
+                            server.delivered[prompt] += 1
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
                     pass
 
@@ -140,11 +163,12 @@ def api_key(monkeypatch):
     return SECRET
 
 
-def assert_secret_not_written(*folders: Path) -> None:
+def assert_secret_not_written(*folders: Path, secrets: tuple[str, ...] = (SECRET,)) -> None:
     for folder in folders:
         for path in folder.rglob("*"):
             if path.is_file():
-                assert SECRET not in path.read_bytes().decode("utf-8", "replace"), path
+                text = path.read_bytes().decode("utf-8", "replace")
+                assert not [secret for secret in secrets if secret in text], path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,11 +371,11 @@ def test_retries_on_rate_limit_server_error_and_timeout(tmp_path, api_key):
     assert len(server.requests) == 4 * 4  # 4 prompts x (429, 500, timeout, answer)
     assert summary["calls"] == {"cached": 0, "new": 4, "retries": 12}
     assert (summary["wins"], summary["losses"]) == (1, 1)
-    # retries run out: one clear error naming the resume; a refused key fails at once, without retries
+    # retries run out: the row fails, counted, and the run goes on; a refused key fails at once, without retries
     with JudgeServer(lambda body, attempt: (503, "overloaded", 0.0)) as server:
-        with pytest.raises(UserInputError, match="re-run the same command to resume"):
-            judge.main(llm_args(server, table, tmp_path / "out2", protocol="paper", max_retries=2, max_rows=1))
+        failed = judge.main(llm_args(server, table, tmp_path / "out2", protocol="paper", max_retries=2, max_rows=1))
     assert len(server.requests) == 3  # one prompt: the first try and 2 retries
+    assert (failed["failed_rows"], failed["failure_reasons"], failed["n"]) == (1, {"InternalServerError": 1}, 0)
     with JudgeServer(lambda body, attempt: (401, "bad key", 0.0)) as server:
         with pytest.raises(UserInputError, match="refused the API key"):
             judge.main(llm_args(server, table, tmp_path / "out3", protocol="paper", max_rows=1))
@@ -408,6 +432,199 @@ def test_interrupted_run_resumes_without_repeating_calls(tmp_path, monkeypatch):
     assert len(lines) == 11 and sum(1 for line in lines if line.startswith('{"key": "torn')) == 1
     assert all(json.loads(line)["answer"] for line in lines if not line.startswith('{"key": "torn'))
     assert_secret_not_written(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# A hostile server: malformed replies, trickled bodies, unparseable and huge answers, secrets, signals
+# ----------------------------------------------------------------------------------------------
+def bad_then_good(body: dict, attempt: int) -> tuple:
+    """Per prompt: a body that is not JSON, JSON without choices, a dropped connection, a body trickled slower
+    than the timeout, then the answer; a prompt of a "HOPELESS" row never gets a well-formed reply."""
+    a, b = summaries(body["messages"][-1]["content"])
+    if "HOPELESS" in a + b:
+        return 200, "Comparison: x.\nPreferred: A", 0.0, "nochoices"
+    if attempt < 4:
+        return 200, "Comparison: x.\nPreferred: A", 0.0, ["nonjson", "nochoices", "drop", "trickle"][attempt]
+    return rule_judge(body, attempt)
+
+
+def test_bad_replies_are_retried_and_a_row_whose_tries_run_out_fails_alone(tmp_path, api_key, capsys):
+    """A body that is not JSON, JSON without choices, a dropped connection and a body trickled over 8 s are each
+    retried (the trickle dropped at the 1 s --timeout of the whole request); a row whose 5 tries all fail is
+    counted as failed while the others are judged, the exit status is 3, and the re-run asks only that row."""
+    table = write_table(tmp_path / "t.csv", [("HOPELESS", "plain"), ("a good one", "plain"), ("plain", "good ref")])
+    start = time.time()
+    with JudgeServer(bad_then_good, trickle_seconds=8.0) as server:
+        with pytest.raises(SystemExit) as exit_status:
+            judge._main_with_status(llm_args(server, table, tmp_path / "out", timeout=1.0, max_retries=4))
+    seconds = time.time() - start
+    assert exit_status.value.code == judge.EXIT_FAILED_ROWS == 3 and "\n3 some rows failed" in judge.CLI_DESCRIPTION
+    assert "judge: 1 row failed after 5 tries; re-run the same command to retry only those" in capsys.readouterr().err
+    assert len(server.requests) == 6 * 5 and server.reasked == 0
+    assert seconds < 6.0  # the trickled replies were dropped after 1 s, not read to their last byte at 8 s
+    summary = json.loads((tmp_path / "out" / "t_judged_gpt-3.5-turbo-0125_both-orders.summary.json").read_text())
+    assert (summary["failed_rows"], summary["failed_requests"], summary["failure_reasons"]) == (1, 2, {"MalformedReply": 2})
+    assert summary["calls"] == {"cached": 0, "new": 4, "retries": 6 * 4}
+    assert (summary["n"], summary["wins"], summary["losses"], summary["not_counted"]) == (2, 1, 1, 1)
+    judged = pd.read_parquet(tmp_path / "out" / "t_judged_gpt-3.5-turbo-0125_both-orders.parquet")
+    assert judged["outcome"].tolist() == ["failed", "win", "loss"] and pd.isna(judged["answer_policy_first"][0])
+    assert len((tmp_path / "out" / "judge_cache.jsonl").read_text().splitlines()) == 4  # failures are not cached
+    with JudgeServer() as server:
+        again = judge.main(llm_args(server, table, tmp_path / "out"))
+    assert len(server.requests) == 2 and again["calls"] == {"cached": 4, "new": 2, "retries": 0}
+    assert (again["failed_rows"], again["n"], again["wins"], again["losses"]) == (0, 3, 1, 1)
+
+
+GARBLED = "\x00#@!~ Pr3f3rr3d ?? ~"
+HUGE = "Comparison: " + "long " * 200_000 + "\nPreferred: A"  # 1 MB, its verdict at the end
+
+
+def odd_answers(body: dict, attempt: int) -> tuple[int, str, float]:
+    """First answers: empty ("EMPTY" rows), garbled ("GARBLED"); always 1 MB ("HUGE")."""
+    a, b = summaries(body["messages"][-1]["content"])
+    if attempt == 0 and "EMPTY" in a + b:
+        return 200, "", 0.0
+    if attempt == 0 and "GARBLED" in a + b:
+        return 200, GARBLED, 0.0
+    if "HUGE" in a + b:
+        return 200, HUGE, 0.0
+    return rule_judge(body, attempt)
+
+
+def test_unparseable_answers_are_cached_as_parse_failures_and_huge_ones_cut(tmp_path, api_key):
+    """An empty or garbled answer is paid once and cached as a parse failure with its raw text: a re-run asks
+    nothing, --retry_parse_failures asks only those again. A 1 MB answer is cached cut to --max_answer_chars
+    (its start and end kept, so its verdict still counts) with its length and a note."""
+    table = write_table(tmp_path / "t.csv", [("EMPTY good", "plain"), ("GARBLED good", "plain"), ("HUGE", "plain"),
+                                             ("a good one", "plain")])
+    cache = tmp_path / "out" / "judge_cache.jsonl"
+    with JudgeServer(odd_answers) as server:
+        first = judge.main(llm_args(server, table, tmp_path / "out"))
+        records = [json.loads(line) for line in cache.read_text().splitlines()]
+        again = judge.main(llm_args(server, table, tmp_path / "out"))
+        assert len(server.requests) == 8  # the re-run asked nothing
+        retried = judge.main(llm_args(server, table, tmp_path / "out", retry_parse_failures=True))
+        assert len(server.requests) == 8 + 4 and server.attempts.most_common(1)[0][1] == 2
+    by_status = Counter(record["status"] for record in records)
+    assert by_status == {"parse_failure": 4, "ok": 4}
+    assert sorted(r["answer"] for r in records if r["status"] == "parse_failure") == ["", "", GARBLED, GARBLED]
+    huge = [r for r in records if "note" in r]
+    assert len(huge) == 2 and all(r["answer_chars"] == len(HUGE) and r["status"] == "ok" for r in huge)
+    assert all(r["answer"].endswith("long \nPreferred: A") and len(r["answer"]) < 20_100 for r in huge)
+    assert cache.stat().st_size < 100_000 and first["answers_cut"] == 2
+    for summary in (first, again):
+        assert (summary["parse_failures"], summary["n"], summary["failed_rows"]) == (4, 2, 0)
+        assert (summary["wins"], summary["ties"]) == (1, 1)  # HUGE: A in both orders, a tie
+    assert again["calls"] == {"cached": 8, "new": 0, "retries": 0}
+    assert (retried["parse_failures"], retried["parse_failures_asked_again"], retried["n"], retried["wins"]) == (0, 4, 4, 3)
+    assert retried["calls"] == {"cached": 4, "new": 4, "retries": 0}
+    with pytest.raises(UserInputError, match="--max_answer_chars 10 keeps too little"):
+        judge.main(Args(table=table, max_answer_chars=10))
+
+
+MIX = [(0.10, "nonjson"), (0.10, "nochoices"), (0.05, "drop"), (0.05, "trickle"), (0.05, 429), (0.05, 503)]
+
+
+def hostile(seed: int, modes: Counter):
+    """A seeded mix of transient failures, drawn per (prompt, attempt): 10% bodies that are not JSON, 10% JSON
+    without choices, 5% each dropped connections, trickled bodies, 429 and 503; otherwise the answer."""
+
+    def decide(body: dict, attempt: int) -> tuple:
+        draw = random.Random(f"{seed}:{body['messages'][-1]['content']}:{attempt}").random()
+        for share, failure in MIX:
+            if draw < share:
+                modes[failure] += 1
+                if isinstance(failure, int):
+                    return failure, "hostile", 0.0
+                return 200, "Comparison: x.\nPreferred: A", 0.0, failure
+            draw -= share
+        modes["answer"] += 1
+        return rule_judge(body, attempt)
+
+    return decide
+
+
+def test_mixed_hostile_server_finishes_in_one_run_and_reasks_nothing(tmp_path, api_key):
+    """20 rows (40 prompts) against the seeded mix: one invocation judges every row, no prompt is asked again
+    after its answer was delivered, and a re-run asks nothing."""
+    table = write_table(tmp_path / "t.csv", [(f"good {i}" if i % 3 else f"plain {i}", f"plain ref {i}") for i in range(20)])
+    modes: Counter = Counter()
+    with JudgeServer(hostile(seed=0, modes=modes), trickle_seconds=2.5) as server:
+        summary = judge.main(llm_args(server, table, tmp_path / "out", timeout=1.0, max_concurrency=8))
+        again = judge.main(llm_args(server, table, tmp_path / "out"))
+    assert set(modes) == {"nonjson", "nochoices", "drop", "trickle", 429, 503, "answer"}
+    assert modes["answer"] == 40 and len(server.attempts) == 40 and server.reasked == 0
+    assert summary["failed_rows"] == 0 and (summary["calls"]["cached"], summary["calls"]["new"]) == (0, 40)
+    assert summary["calls"]["retries"] >= len(server.requests) - 40  # a connection refused never reaches the log
+    assert (summary["wins"], summary["ties"], summary["n"]) == (13, 7, 20)  # "good" policies win, plain vs plain ties
+    assert again["calls"] == {"cached": 40, "new": 0, "retries": 0} and len(server.requests) == sum(modes.values())
+
+
+def test_no_secret_reaches_any_file_or_output(tmp_path, api_key, capsys):
+    """A key planted in every place a user can put one (the key's environment variable, the base URL's password
+    and its query) and echoed back by the server reaches no output, cache, summary or printed line."""
+    url_secret, query_secret = "pw-URL-SECRET-9a8b7c", "qs-QUERY-SECRET-6d5e4f"
+    table = write_table(tmp_path / "t.csv", [("a good one", "plain"), ("ECHO", "plain"), ("HOPELESS", "plain")])
+
+    def echo(body: dict, attempt: int) -> tuple[int, str, float]:
+        a, b = summaries(body["messages"][-1]["content"])
+        if "ECHO" in a + b:
+            return 200, f"Comparison: your keys are {SECRET} and {url_secret}.\nPreferred: A", 0.0
+        if "HOPELESS" in a + b:
+            return 500, f"this key is wrong: {SECRET}", 0.0
+        return rule_judge(body, attempt)
+
+    with JudgeServer(echo) as server:
+        base_url = server.url.replace("http://", f"http://judge-user:{url_secret}@")
+        summary = judge.main(llm_args(server, table, tmp_path / "out", base_url=base_url, max_retries=1,
+                                      cache_path=str(tmp_path / "cache" / "verdicts.jsonl")))
+        with pytest.raises(UserInputError, match="answered 404") as refused:
+            judge.main(llm_args(server, table, tmp_path / "out2", base_url=f"{server.url}?api_key={query_secret}"))
+    assert summary["args"]["base_url"] == summary["base_url"] == server.url and summary["failed_rows"] == 1
+    assert "***" in (tmp_path / "cache" / "verdicts.jsonl").read_text()  # the echoed keys, scrubbed
+    printed = capsys.readouterr()
+    for secret in (SECRET, url_secret, query_secret):
+        assert secret not in printed.out + printed.err + str(refused.value)
+    assert_secret_not_written(tmp_path / "out", tmp_path / "out2", tmp_path / "cache", secrets=(SECRET, url_secret, query_secret))
+
+
+def test_sigterm_and_sigint_end_with_one_line_and_a_clean_cache(tmp_path):
+    """SIGTERM and SIGINT while requests hang: exit status 143 / 130, one line, no traceback, the 4 answers
+    received in the cache, every line whole. The server's URL (with a password) comes from OPENAI_BASE_URL."""
+    table = write_table(tmp_path / "t.csv", [("good 0", "plain"), ("plain 1", "good"), ("HANG 2", "x"), ("HANG 3", "y")])
+    release = threading.Event()
+    url_secret = "pw-URL-SECRET-9a8b7c"
+
+    def hang(body: dict, attempt: int) -> tuple[int, str, float]:
+        if "HANG" in body["messages"][-1]["content"]:
+            release.wait(60)
+        return rule_judge(body, attempt)
+
+    with JudgeServer(hang) as server:
+        env = {**os.environ, "OPENAI_API_KEY": SECRET, "TOKENIZERS_PARALLELISM": "false",
+               "OPENAI_BASE_URL": server.url.replace("http://", f"http://judge-user:{url_secret}@")}
+        processes = {signum: subprocess.Popen(
+            [sys.executable, "-m", "summarize_from_feedback_details.judge", "--table", table, "--output_dir",
+             str(tmp_path / signum.name)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ) for signum in (signal.SIGTERM, signal.SIGINT)}
+        deadline = time.time() + 120
+        for signum, process in processes.items():
+            cache = tmp_path / signum.name / "judge_cache.jsonl"
+            while not (cache.exists() and cache.read_text().count("\n") >= 4):
+                assert process.poll() is None and time.time() < deadline, process.communicate()
+                time.sleep(0.05)
+            process.send_signal(signum)
+        outputs = {signum: process.communicate(timeout=60) for signum, process in processes.items()}
+        release.set()
+    for signum, (stdout, stderr) in outputs.items():
+        assert processes[signum].returncode == 128 + signum, stderr
+        assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == (
+            f"judge: stopped by {signum.name}; every answer received is in the cache: re-run the same command to resume"), stderr
+        assert not list((tmp_path / signum.name).glob("*.summary.json"))
+        cache = judge.VerdictCache(tmp_path / signum.name / "judge_cache.jsonl")
+        assert (len(cache.records), cache.skipped_lines) == (4, 0)
+        assert SECRET not in stdout + stderr and url_secret not in stdout + stderr
+    assert_secret_not_written(tmp_path, secrets=(SECRET, url_secret))
 
 
 def test_missing_key_and_bad_input_fail_before_any_call(tmp_path, monkeypatch):
