@@ -13,8 +13,9 @@
 #   {sweep_dir}/{size}/seed{seed}/judge/{sft,ppo,dpo}/    judge.py outputs per policy (--stages ... judge)
 #   {sweep_dir}/figures/                                  paper_figures.py output (--stages ... figures)
 #   {sweep_dir}/logs/                                     one log per stage run, timings.tsv
-# A stage whose metrics.json exists is skipped (a resumed or requeued sweep continues where it stopped);
-# --force reruns it. scripts/slurm/submit.sh runs the same cells and commands as slurm array jobs.
+# A finished stage (metrics.json and no FAILED.json, which a run that failed after creating its folder leaves) is
+# skipped (a resumed or requeued sweep continues where it stopped); --force reruns it. scripts/slurm/submit.sh runs
+# the same cells and commands as slurm array jobs.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -244,8 +245,8 @@ run_cell() { # size seed: the cell's stages in order
   local size=$1 seed=$2 stage run_dir policy
   for stage in $cell_stages; do
     run_dir="$sweep_dir/$size/seed$seed/$stage"
-    if [[ $stage != judge && -f $run_dir/metrics.json ]] && ((!force)); then
-      note "skip $run_dir (metrics.json exists; --force reruns it)"
+    if [[ $stage != judge && -f $run_dir/metrics.json && ! -f $run_dir/FAILED.json ]] && ((!force)); then
+      note "skip $run_dir (finished: metrics.json and no FAILED.json; --force reruns it)"
       continue
     fi
     note "$size seed $seed: $stage -> $run_dir"

@@ -11,7 +11,7 @@ Reads like the experiment: pick the details of the registry (details.py) -> per 
 data -> SFT -> RM -> PPO -> DPO (only the stages the details need) -> per detail, its stage with the
 registry's ablation arguments and every stage that trains on its output (data -> all; SFT -> RM, PPO,
 DPO; RM -> PPO), the upstream runs shared with the baseline -> run what is not finished yet (a
-metrics.json marks a finished run, so an interrupted ablation resumes) -> read every run's metrics ->
+metrics.json without a FAILED.json marks a finished run, so an interrupted ablation resumes) -> read every run's metrics ->
 `ablation.md`, `ablation.csv`, `ablation.png` in --out_dir.
 
 Where the preset already runs a detail's ablation (the embedded SFT preset trains on the reference only,
@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from summarize_from_feedback_details.core import UserInputError, run_main, write_json, write_text
+from summarize_from_feedback_details.core import (
+    UserInputError,
+    run_finished,
+    run_main,
+    write_json,
+    write_text,
+)
 from summarize_from_feedback_details.details import DETAILS, STAGE_MODULES, Detail
 
 PACKAGE = "summarize_from_feedback_details"
@@ -185,7 +191,8 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return (self.path / ("summary.json" if self.stage == "data" else "metrics.json")).exists()
+        """Finished: the data stage's summary.json, a training run's metrics.json without FAILED.json (core.run_finished)."""
+        return (self.path / "summary.json").exists() if self.stage == "data" else run_finished(self.path)
 
     def metrics(self) -> dict[str, Any] | None:
         """The run's metrics.json (data: summary.json) flattened, plus the derived stop rate (STOP_RATE)."""

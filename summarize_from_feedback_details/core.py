@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -47,12 +49,169 @@ def cli(presets: Mapping[str, tuple[str, T]], main: Callable[[T], Any], descript
 
 
 def run_main(main: Callable[[T], Any], args: T) -> None:
-    """Run a stage; a `UserInputError` becomes one clear line on stderr and exit status 2."""
+    """Run a stage; a `UserInputError` becomes one clear line on stderr and exit status 2. A failure after the
+    stage created its run folder is recorded there first (`failures_recorded`)."""
     try:
-        main(args)
+        with failures_recorded():
+            main(args)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Failed runs: a run folder of a run that did not finish says so
+# ----------------------------------------------------------------------------------------------
+FAILED_FILE = "FAILED.json"
+"""written into a run folder when its run fails after the folder exists: error type, message, traceback tail"""
+_open_runs: list[Path] = []
+"""the run folders this process created or joined since `failures_recorded` began (`run_opened`)"""
+
+
+def run_opened(run_dir: str | os.PathLike, is_main: bool = True) -> None:
+    """Record that the run folder `run_dir` now exists: a failure from here on writes FAILED.json into it. The
+    main process also removes a FAILED.json or metrics.json of an earlier run in the same folder (a rerun with the
+    same --run_name): until this run finishes, nothing may read the folder as finished."""
+    run_dir = Path(run_dir)
+    if is_main:
+        for stale in (FAILED_FILE, "metrics.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+    _open_runs.append(run_dir)
+
+
+@contextlib.contextmanager
+def failures_recorded() -> Iterator[None]:
+    """Around a stage's `main`: an exception (a bad input found late, a crash, Ctrl-C) after `run_opened` writes
+    `{run_dir}/FAILED.json` atomically and propagates. A run that fails its checks before any work has no folder."""
+    import traceback
+
+    _open_runs.clear()
+    try:
+        yield
+    except BaseException as error:
+        if not (isinstance(error, SystemExit) and error.code in (0, None)):
+            record = {"error": type(error).__name__, "message": str(error), "argv": sys.argv,
+                      "rank": int(os.environ.get("RANK", 0)), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "traceback": "".join(traceback.format_exception(error)).splitlines()[-40:]}
+            for run_dir in _open_runs:
+                if run_dir.is_dir():
+                    write_json(run_dir / FAILED_FILE, record)
+        raise
+    finally:
+        _open_runs.clear()
+
+
+def run_finished(run_dir: str | os.PathLike) -> bool:
+    """A finished run folder: metrics.json written at its end, and no FAILED.json."""
+    return (Path(run_dir) / "metrics.json").is_file() and not (Path(run_dir) / FAILED_FILE).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Numeric arguments: one table of accepted ranges, checked before any work
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The accepted values of a numeric argument: finite, between `low` and `high` (None: unbounded), each bound
+    included unless `open_low` / `open_high`; `what` the argument is, for the message."""
+
+    what: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def accepts(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.open_high else value > self.high))
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return "a finite number" if self.high is None else f"{'<' if self.open_high else '<='} {self.high:g}"
+
+
+def _positive(what: str) -> Range:
+    return Range(what, low=0, open_low=True)
+
+
+def _at_least(low: int, what: str) -> Range:
+    return Range(what, low=low)
+
+
+NUMBER_RANGES: dict[str, Range] = {
+    # every stage (RunArgs, TrainArgs)
+    "seed": _at_least(0, "the seed"),
+    "logging_steps": _at_least(1, "updates between logged lines"),
+    "lr": _positive("the learning rate"),
+    "eps": _positive("AdamW's epsilon"),
+    "warm_up_steps": _at_least(0, "the warm-up updates"),
+    "num_train_epochs": _at_least(1, "the epochs"),
+    "total_episodes": _at_least(1, "the examples to train on"),
+    "batch_size": _at_least(1, "the global batch"),
+    "local_micro_batch_size": _at_least(1, "the micro-batch per process"),
+    "local_eval_batch_size": _at_least(1, "the evaluation batch per process"),
+    "max_eval_samples": _at_least(1, "the evaluation rows per split"),
+    "temperature": _positive("the sampling temperature (logits are divided by it)"),
+    "eval_temperature": _positive("the evaluation temperature (logits are divided by it)"),
+    # reward
+    "normalization_samples": _at_least(1, "the SFT references scored for the normalisation"),
+    "padding_check_samples": _at_least(0, "the pairs of the padding check (0: none)"),
+    # dpo
+    "beta": _positive("DPO's beta"),
+    "label_smoothing": Range("the share of flipped labels", low=0, high=0.5, open_high=True),
+    "eval_response_length": _at_least(1, "the tokens sampled per query"),
+    # ppo
+    "num_mini_batches": _at_least(1, "the minibatches per PPO epoch"),
+    "local_rollout_forward_batch_size": _at_least(1, "the rollout batch per process"),
+    "num_ppo_epochs": _at_least(1, "the PPO epochs per batch"),
+    "response_length": _at_least(1, "the tokens sampled per query"),
+    "kl_coef": _at_least(0, "the KL coefficient beta"),
+    "kl_target": _positive("the adaptive controller's KL target"),
+    "kl_horizon": _at_least(1, "the adaptive controller's horizon"),
+    "gamma": Range("the discount", low=0, high=1),
+    "lam": Range("GAE's lambda", low=0, high=1),
+    "cliprange": _positive("the policy ratio clip"),
+    "cliprange_value": _positive("the value clip"),
+    "vf_coef": _at_least(0, "the value-loss coefficient"),
+    "penalty_reward_value": Range("the score of a response without EOS"),
+    "eval_every": _at_least(0, "updates between validation scores (0: never)"),
+    "save_samples_every": _at_least(0, "updates between sample tables (0: never)"),
+    # tldr_dataset
+    "num_proc": _at_least(1, "the tokenization processes"),
+    "lengths": _at_least(1, "a token length"),
+}
+"""accepted range of every numeric argument of every stage, by field name (a nested field, `lengths.query`, falls
+back to its parent's entry); tests/test_bad_inputs.py checks that every numeric field has one"""
+
+
+def validate_numbers(args: Any, ranges: Mapping[str, Range] | None = None) -> None:
+    """Check every numeric field of the dataclass `args` (nested ones as `--parent.field`) against NUMBER_RANGES,
+    with `ranges` taking precedence (a stage where a value has a meaning of its own); a field set to None (the
+    default behaviour) is not checked. One UserInputError naming the flag, the value, the accepted range and the fix."""
+    table = {**NUMBER_RANGES, **(ranges or {})}
+    for name, value, default in _numeric_fields(args):
+        accepted = table.get(name) or table.get(name.split(".")[0])
+        if accepted is None or accepted.accepts(value):
+            continue
+        fix = "leave it out for the default" if default is None else f"e.g. --{name} {default!r} (the default)"
+        raise UserInputError(f"--{name} {value!r} is out of range: {accepted.what} must be {accepted.describe()}; "
+                             f"pass a value {accepted.describe()}, {fix}")
+
+
+def _numeric_fields(args: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted name, value, class default) of every int / float field of `args`, nested dataclasses included."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_fields(value, f"{prefix}{field.name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            default = field.default if field.default is not dataclasses.MISSING else None
+            yield f"{prefix}{field.name}", value, default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +274,69 @@ def load_tokenizer(name_or_path: str, pad_token: PadChoice = PAD_TOKEN) -> Any:
 def looks_like_local_path(name: str) -> bool:
     """A hub id is `owner/name`; anything that exists, starts with . or /, or has more parts is local."""
     return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+HUB_TIMEOUT_S = 3.0
+"""how long the one hub lookup of `resolve_input` may take"""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def resolve_input(path: str, flag: str, expected: str, repo_type: Literal["model", "dataset"]) -> bool:
+    """Where the input directory `flag` = `path` is, checked before any work: True for a local directory, False for
+    a hub id that is in the local cache or found on the hub. Anything else is one UserInputError: an existing file
+    where a directory is expected ("is a file"), a local path that does not exist, or, for a name that reads either
+    way (`models/sft_model`, `org/name`), both readings: no local directory, and not reachable as a hub id.
+    `expected` says what to pass instead."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return True
+    if local.exists():
+        raise UserInputError(f"{flag} {path!r} is a file, not a directory; pass {expected}")
+    if looks_like_local_path(path) or not HUB_ID.match(path):
+        if repo_type == "model":
+            raise UserInputError(f"{flag} {path!r} is not a saved model (no such directory); pass {expected}")
+        raise UserInputError(f"{path!r} does not exist: {flag} must be {expected}")
+    problem = hub_problem(path, repo_type)
+    if problem is not None:
+        raise UserInputError(f"{flag} {path!r}: no local directory {path!r} (in {os.getcwd()}), and as a hub {repo_type} "
+                             f"id {problem}; pass {expected}")
+    return False
+
+
+def hub_problem(repo_id: str, repo_type: Literal["model", "dataset"], timeout: float = HUB_TIMEOUT_S) -> str | None:
+    """Why the hub id `repo_id` cannot be loaded, or None when it can: in the local cache, or found by one hub
+    lookup of at most `timeout` seconds (none when HF_HUB_OFFLINE is set)."""
+    import threading
+
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    cached = [Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}"]
+    if repo_type == "dataset":  # the datasets library's own cache
+        cached.append(Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets") / repo_id.replace("/", "___"))
+    if any(path.is_dir() for path in cached):
+        return None
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "it is not in the local cache and the hub is offline (HF_HUB_OFFLINE is set)"
+    outcome: dict[str, Any] = {}
+
+    def lookup() -> None:
+        try:
+            outcome["info"] = HfApi().repo_info(repo_id, repo_type=repo_type, timeout=timeout)
+        except Exception as error:  # noqa: BLE001 - reported below as one line
+            outcome["error"] = error
+
+    thread = threading.Thread(target=lookup, daemon=True)  # a name lookup can hang longer than any HTTP timeout
+    thread.start()
+    thread.join(timeout)
+    error = outcome.get("error")
+    if "info" in outcome:
+        return None
+    if error is None:
+        return f"the hub did not answer within {timeout:g} s (offline?)"
+    if isinstance(error, RepositoryNotFoundError):
+        return f"the hub has no such {repo_type} (or it is private or gated: log in with `hf auth login`)"
+    return f"the hub is not reachable ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})"
 
 
 def column(dataset: Any, name: str) -> list[Any]:
@@ -284,7 +506,8 @@ def plan_batches(batch_size: int, local_micro_batch_size: int, world_size: int, 
         )
     num_updates = total_examples // batch_size
     if num_updates < 1:
-        raise UserInputError(f"{what}: {total_examples} examples are fewer than one batch of {batch_size}; lower --batch_size")
+        raise UserInputError(f"{what}: {total_examples} examples (--total_episodes, or epochs x train rows) are fewer than one batch "
+                             f"of {batch_size}; lower --batch_size or raise --total_episodes")
     return BatchPlan(world_size, local_micro_batch_size, batch_size // per_step, batch_size, num_updates)
 
 

@@ -27,6 +27,7 @@ from summarize_from_feedback_details.core import (
     plan_batches,
     push_run_to_hub,
     training_schedule,
+    validate_numbers,
 )
 from summarize_from_feedback_details.modeling import (
     FROZEN_DTYPE,
@@ -37,7 +38,7 @@ from summarize_from_feedback_details.modeling import (
 from summarize_from_feedback_details.training import (
     Stage,
     batch_tensor,
-    check_model_path,
+    check_input_paths,
     evaluate_comparisons,
     evaluate_generations,
     load_causal_lm,
@@ -115,6 +116,8 @@ def pair_logprobs(model: Any, rows: Any, pad: int, device: Any) -> tuple[torch.T
 
 
 def main(args: Args) -> dict[str, Any]:
+    validate_numbers(args)  # every number, then every input path, before any work: a bad input leaves no run folder
+    check_input_paths(args, datasets=["dataset"], causal_lms=["sft_model_path"], reward_models=["reward_model_path"])
     stage = Stage.start(args)
     # ---- data (checked before any model is loaded)
     train = load_processed_split(args.dataset, "preference", "train")
@@ -128,9 +131,6 @@ def main(args: Args) -> dict[str, Any]:
     tokenizer = stage.load_tokenizer(args.dataset, args.sft_model_path, args.allow_pad_equals_eos)
     total = args.total_episodes if args.total_episodes is not None else args.num_train_epochs * len(train)
     plan = plan_batches(args.batch_size, args.local_micro_batch_size, stage.world_size, total, "DPO")
-    check_model_path(args.sft_model_path, "--sft_model_path")
-    if args.reward_model_path is not None:
-        check_model_path(args.reward_model_path, "--reward_model_path")
     stage.print(f"DPO: {len(train)} comparisons, {plan}, beta {args.beta}, {args.loss_type} loss")
     stage.open_run()
 

@@ -38,6 +38,7 @@ from summarize_from_feedback_details.core import (
     plan_batches,
     push_run_to_hub,
     torch_generator,
+    validate_numbers,
     write_text,
 )
 from summarize_from_feedback_details.modeling import (
@@ -59,7 +60,7 @@ from summarize_from_feedback_details.modeling import (
 from summarize_from_feedback_details.training import (
     Stage,
     batch_tensor,
-    check_model_path,
+    check_input_paths,
     check_vocabulary,
     evaluate_generations,
     frozen_engine,
@@ -209,7 +210,7 @@ def plan_ppo(args: Args, world_size: int) -> PPOPlan:
     mini = plan_batches(mini_batch_size, args.local_micro_batch_size, world_size, mini_batch_size, "PPO minibatch")
     num_updates = total // args.batch_size
     if num_updates < 1:
-        raise UserInputError(f"--total_episodes {total} is fewer than one batch of {args.batch_size}; lower --batch_size")
+        raise UserInputError(f"--total_episodes {total} is fewer than one batch of {args.batch_size}; raise --total_episodes or lower --batch_size")
     return PPOPlan(mini, local_batch_size, mini_batch_size // world_size, num_updates)
 
 
@@ -385,6 +386,8 @@ def initial_critic(critic_init: str, reward_model_path: str, sft_model_path: str
 def main(args: Args) -> dict[str, Any]:
     import numpy as np
 
+    validate_numbers(args)  # every number, then every input path, before any work: a bad input leaves no run folder
+    check_input_paths(args, datasets=["dataset"], causal_lms=["sft_model_path"], reward_models=["reward_model_path"])
     stage = Stage.start(args)
     # ---- data and sizes (checked before any model is loaded)
     train = load_processed_split(args.dataset, "sft", "train")  # Detail 21: prompts are the SFT train queries
@@ -398,12 +401,8 @@ def main(args: Args) -> dict[str, Any]:
     plan = plan_ppo(args, stage.world_size)
     if len(train) < args.batch_size:
         raise UserInputError(f"--batch_size {args.batch_size} exceeds the {len(train)} SFT train queries")
-    if args.save_samples_every < 0:
-        raise UserInputError(f"--save_samples_every must be >= 0 (0: no sample tables), got {args.save_samples_every}")
     if (args.eval_every or args.save_samples_every) and len(validation) < args.local_eval_batch_size * stage.world_size:
         raise UserInputError(f"the validation split has fewer than --local_eval_batch_size x processes = {args.local_eval_batch_size * stage.world_size} queries")
-    check_model_path(args.sft_model_path, "--sft_model_path")
-    check_model_path(args.reward_model_path, "--reward_model_path")
     frozen_config = None
     if args.frozen_models_config is not None:  # Detail 8
         if not args.deepspeed:

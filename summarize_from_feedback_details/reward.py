@@ -23,18 +23,20 @@ from typing import Any
 
 from summarize_from_feedback_details.core import (
     BatchPlan,
+    Range,
     TrainArgs,
     UserInputError,
     cli,
     plan_batches,
     push_run_to_hub,
     training_schedule,
+    validate_numbers,
 )
 from summarize_from_feedback_details.modeling import ScalarModel, disable_dropout, sequence_scores
 from summarize_from_feedback_details.training import (
     Stage,
     batch_tensor,
-    check_model_path,
+    check_input_paths,
     check_vocabulary,
     evaluate_comparisons,
     load_optional_splits,
@@ -114,8 +116,8 @@ def main(args: Args) -> dict[str, Any]:
     import torch
     from accelerate.utils import gather_object
 
-    stage = Stage.start(args)
     # An evaluation-only run (the authors' `reward_eval`): 0 updates of a trained RM, scored as it was saved.
+    validate_numbers(args, {"total_episodes": Range("the comparisons to train on (0: evaluate --reward_model_path)", low=0)})
     eval_only = args.total_episodes == 0
     if eval_only and args.reward_model_path is None:
         raise UserInputError("--total_episodes 0 trains nothing: pass --reward_model_path <rm run>/model to evaluate a "
@@ -123,8 +125,10 @@ def main(args: Args) -> dict[str, Any]:
     if args.reward_model_path is not None and not eval_only:
         raise UserInputError("--reward_model_path evaluates a trained reward model without training it: add "
                              "--total_episodes 0 (continuing to train a reward model is not supported)")
-    if args.normalization_samples is not None and args.normalization_samples < 1:
-        raise UserInputError(f"--normalization_samples must be >= 1, got {args.normalization_samples}")
+    # every input path before any work: a bad input leaves no run folder
+    check_input_paths(args, datasets=["dataset", "sft_dataset"], causal_lms=[] if eval_only else ["sft_model_path"],
+                      reward_models=["reward_model_path"])
+    stage = Stage.start(args)
     model_path = args.reward_model_path if eval_only else args.sft_model_path
     # ---- data (checked before any model is loaded)
     train = load_processed_split(args.dataset, "preference", "train")
@@ -139,11 +143,9 @@ def main(args: Args) -> dict[str, Any]:
     total = args.total_episodes if args.total_episodes is not None else args.num_train_epochs * len(train)
     if eval_only:  # no update: one micro-batch per process stands in for the plan the accelerator is built from
         plan = BatchPlan(stage.world_size, args.local_micro_batch_size, 1, args.local_micro_batch_size * stage.world_size, 0)
-        check_model_path(model_path, "--reward_model_path")
         stage.print(f"reward model: evaluating {model_path} (0 updates)")
     else:
         plan = plan_batches(args.batch_size, args.local_micro_batch_size, stage.world_size, total, "reward model")
-        check_model_path(args.sft_model_path, "--sft_model_path")
         stage.print(f"reward model: {len(train)} comparisons, {plan}")
     stage.open_run()
 

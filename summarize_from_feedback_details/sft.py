@@ -22,12 +22,13 @@ from summarize_from_feedback_details.core import (
     plan_batches,
     push_run_to_hub,
     training_schedule,
+    validate_numbers,
 )
 from summarize_from_feedback_details.modeling import gather_logprobs
 from summarize_from_feedback_details.training import (
     Stage,
     batch_tensor,
-    check_model_path,
+    check_input_paths,
     evaluate_generations,
     load_causal_lm,
     load_optional_splits,
@@ -80,6 +81,8 @@ def sft_loss(logits: Any, labels: Any, pad_token_id: int) -> Any:
 def main(args: Args) -> dict[str, Any]:
     import torch
 
+    validate_numbers(args)  # every number, then every input path, before any work: a bad input leaves no run folder
+    check_input_paths(args, datasets=["dataset"], causal_lms=["base_model"])
     stage = Stage.start(args)
     # ---- data (checked before any model is loaded)
     train = load_processed_split(args.dataset, "sft", "train")
@@ -94,7 +97,6 @@ def main(args: Args) -> dict[str, Any]:
     total = args.total_episodes if args.total_episodes is not None else args.num_train_epochs * len(train)
     plan = plan_batches(args.batch_size, args.local_micro_batch_size, stage.world_size, total, "SFT")
     stage.print(f"SFT: {len(train)} examples, {plan}, response length {response_length}")
-    check_model_path(args.base_model, "--base_model")
     stage.open_run()
 
     # ---- model: the policy starts from the base model, dropout off (Detail 7)

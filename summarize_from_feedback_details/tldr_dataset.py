@@ -27,7 +27,9 @@ from summarize_from_feedback_details.core import (
     column,
     load_tokenizer,
     looks_like_local_path,
+    resolve_input,
     rows,
+    validate_numbers,
     write_json,
 )
 
@@ -349,13 +351,26 @@ DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 def load_raw(source: str, splits: Sequence[str], config: str | None = None, fields: Sequence[str] = ()) -> Any:
     """Load `splits` of a dataset from a hub id or from a local directory of `{split}.{jsonl,json,parquet}`.
-    An empty (blank) json/jsonl file is a split without rows, with the columns `fields` (bring-your-own data)."""
+    An empty file (0 bytes, blank json/jsonl, a json `[]`) is a split without rows, with the columns `fields`
+    (bring-your-own data); a file the reader cannot parse is one error naming it."""
     import datasets
 
     def load_file(path: Path) -> Any:
-        if path.suffix != ".parquet" and _blank(path):  # datasets' json reader fails on it (StopIteration)
+        if _empty(path):  # datasets' json reader fails on it (StopIteration), the parquet reader on 0 bytes
             return datasets.Dataset.from_dict({name: [] for name in fields})
-        return datasets.load_dataset(DATA_EXTENSIONS[path.suffix], data_files=str(path), split="train")
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its reader logs the parse error too: one line is ours
+        try:
+            return datasets.load_dataset(DATA_EXTENSIONS[path.suffix], data_files=str(path), split="train")
+        except Exception as error:  # noqa: BLE001 - the reader's many failures become one line naming the file
+            cause = error
+            while cause.__cause__ is not None:  # "An error occurred while generating the dataset" <- the parse error
+                cause = cause.__cause__
+            message = (str(cause).splitlines() or [""])[0]
+            raise UserInputError(f"cannot read {path} as {path.suffix[1:]} ({type(cause).__name__}: {message}); fix the file "
+                                 "(.jsonl: one JSON object per line; .json: a list of objects)") from error
+        finally:
+            datasets.logging.set_verbosity(verbosity)
 
     if looks_like_local_path(source):
         directory = Path(source)
@@ -384,10 +399,12 @@ def load_raw(source: str, splits: Sequence[str], config: str | None = None, fiel
     return datasets.DatasetDict({split: loaded[split] for split in splits})
 
 
-def _blank(path: Path) -> bool:
-    """Whether a file holds nothing but whitespace."""
+def _empty(path: Path) -> bool:
+    """Whether a split file holds no rows: 0 bytes, or json / jsonl with nothing but whitespace or an empty list."""
+    if path.stat().st_size > 4096 or path.suffix == ".parquet":
+        return path.stat().st_size == 0
     with open(path, "rb") as file:
-        return not file.read(4096).strip() and path.stat().st_size <= 4096
+        return file.read().strip() in (b"", b"[]")
 
 
 def _check_text(value: Any, where: str, name: str) -> None:
@@ -419,7 +436,7 @@ def fill_optional_columns(raw: Any) -> Any:
     })
 
 
-def drop_empty_splits(raw: Any, name: str, cnndm_batches: Sequence[str]) -> Any:
+def drop_empty_splits(raw: Any, name: str, cnndm_batches: Sequence[str], source: str = "") -> Any:
     """Leave the splits without rows out of the output, each with one line; an empty train split is an error.
 
     Bring-your-own comparisons without CNN/DM rows leave `validation_cnndm` empty. An empty split gets none of
@@ -429,7 +446,8 @@ def drop_empty_splits(raw: Any, name: str, cnndm_batches: Sequence[str]) -> Any:
     import datasets
 
     if len(raw["train"]) == 0:
-        raise UserInputError(f"{name} split 'train' has no rows; the stages train on it: pass data with train rows")
+        raise UserInputError(f"{source}{': ' if source else ''}{name} split 'train' has no rows; the stages train on it: "
+                             "pass data with train rows")
     for split in [split for split, ds in raw.items() if len(ds) == 0]:
         why = f" (no comparison is in a CNN/DM batch {list(cnndm_batches)})" if split == "validation_cnndm" else ""
         print(f"{name} split {split!r} has no rows{why}: left out of the output; the stages skip it")
@@ -628,10 +646,12 @@ def main(args: Args) -> dict[str, Any]:
     import datasets
 
     start = time.time()
-    if args.num_proc < 1:
-        raise UserInputError(f"--num_proc must be >= 1, got {args.num_proc}")
+    validate_numbers(args)  # every number, then every input path, before any work
     if args.push_to_hub and not args.hf_entity:
         raise UserInputError("--push_to_hub needs --hf_entity (your hub user or organisation)")
+    for name in ("embedded_dir", "output_dir"):
+        if getattr(args, name) is not None and Path(getattr(args, name)).is_file():
+            raise UserInputError(f"--{name} {getattr(args, name)!r} is a file, not a directory; pass a directory (it is created)")
     if args.embedded_dir is not None:
         from summarize_from_feedback_details import embedded
 
@@ -640,6 +660,13 @@ def main(args: Args) -> dict[str, Any]:
         models_dir = Path(args.embedded_dir) / "models"
         base_size = [Path(args.base_model).name] if Path(args.base_model).parent == models_dir else []
         embedded.ensure_built(args.embedded_dir, sizes=base_size)
+
+    resolve_input(args.base_model, "--base_model", "a directory with a tokenizer (e.g. a model saved with save_pretrained) "
+                  "or a hub model id such as EleutherAI/pythia-1b-deduped", "model")
+    for name in ("sft_dataset", "preference_dataset"):
+        splits = SFT_SPLITS if name == "sft_dataset" else PREFERENCE_SPLITS
+        resolve_input(getattr(args, name), f"--{name}", f"a directory of {{{','.join(splits)}}}.{{jsonl,json,parquet}} files "
+                      "or a hub dataset id", "dataset")
 
     # Detail 3.2: a dedicated [PAD] (refused if it equals EOS unless --pad_token eos asks for it).
     tokenizer = load_tokenizer(args.base_model, args.pad_token)
@@ -658,8 +685,8 @@ def main(args: Args) -> dict[str, Any]:
         validation=validation.filter(lambda batch: batch not in cnndm, input_columns="batch"),
         validation_cnndm=validation.filter(lambda batch: batch in cnndm, input_columns="batch"),
     )
-    sft_raw = drop_empty_splits(sft_raw, "SFT", args.cnndm_batches)
-    preference_raw = drop_empty_splits(preference_raw, "preference", args.cnndm_batches)
+    sft_raw = drop_empty_splits(sft_raw, "SFT", args.cnndm_batches, f"--sft_dataset {args.sft_dataset!r}")
+    preference_raw = drop_empty_splits(preference_raw, "preference", args.cnndm_batches, f"--preference_dataset {args.preference_dataset!r}")
 
     check_queries_can_fit(sft_raw, preference_raw, tokenizer, args)
 

@@ -21,6 +21,8 @@ from summarize_from_feedback_details.core import (
     load_tokenizer,
     looks_like_local_path,
     make_run_name,
+    resolve_input,
+    run_opened,
     seed_everything,
     write_json,
 )
@@ -139,6 +141,8 @@ class Stage:
         """Create the run directory with the resolved args, and the logger (after the inputs were checked)."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        run_opened(self.run_dir, self.is_main)  # from here on a failure writes FAILED.json into the folder
+        if self.is_main:
             write_json(self.run_dir / "args.json", {**dataclasses.asdict(self.args), "run_name": self.run_name, "world_size": self.world_size})
         self.logger = RunLogger(self.run_dir, self.args, self.is_main)
 
@@ -285,6 +289,46 @@ def require_columns(dataset: Any, columns: list[str], what: str) -> None:
 def check_model_path(path: str, what: str) -> None:
     if looks_like_local_path(path) and not (Path(path) / "config.json").exists():
         raise UserInputError(f"{what} {path!r} is not a saved model (no config.json there); check the path or run the stage that makes it")
+
+
+DATASET_EXPECTED = ("a directory written by tldr_dataset (run `python -m summarize_from_feedback_details.tldr_dataset embedded` "
+                    "first) or a hub id of such a dataset")
+CAUSAL_LM_EXPECTED = "a causal LM saved with save_pretrained (an sft.py run's model/, or a base model) or a hub model id"
+REWARD_MODEL_EXPECTED = "the model/ folder of a reward.py run (<run>/model)"
+SCALAR_MODEL_TYPE = "sffd_scalar_model"
+"""`model_type` in the config.json of a reward model saved by reward.py (modeling.ScalarModelConfig)"""
+
+
+def check_input_paths(args: Any, datasets: Sequence[str] = (), causal_lms: Sequence[str] = (), reward_models: Sequence[str] = ()) -> None:
+    """Before any work: each named field of `args` that is set must be an input that exists (`core.resolve_input`:
+    a local directory, or a hub id in the cache or on the reachable hub); a local model must be a checkpoint of the
+    kind the field expects (a causal LM, or a reward model saved by reward.py)."""
+    for name in datasets:
+        if getattr(args, name) is not None:
+            resolve_input(getattr(args, name), f"--{name}", DATASET_EXPECTED, "dataset")
+    for names, kind in ((causal_lms, "causal_lm"), (reward_models, "reward_model")):
+        for name in names:
+            path = getattr(args, name)
+            expected = CAUSAL_LM_EXPECTED if kind == "causal_lm" else REWARD_MODEL_EXPECTED
+            if path is not None and resolve_input(path, f"--{name}", expected, "model"):
+                check_checkpoint_kind(path, f"--{name}", kind)
+
+
+def check_checkpoint_kind(path: str, flag: str, kind: str) -> None:
+    """The local checkpoint at `path` has a config.json and is a reward model saved by reward.py (`kind`
+    "reward_model": ScalarModel) or a causal LM ("causal_lm"), read from its config before any weights load."""
+    import json
+
+    check_model_path(path, flag)
+    config = json.loads((Path(path) / "config.json").read_text())
+    model_type, architectures = config.get("model_type"), ", ".join(config.get("architectures") or []) or "no architectures"
+    if kind == "reward_model" and model_type != SCALAR_MODEL_TYPE:
+        causal = " a causal LM checkpoint (e.g. from sft.py):" if "CausalLM" in architectures or "LMHead" in architectures else ""
+        raise UserInputError(f"{flag} {path!r}: expected a reward model saved by reward.py (ScalarModel, model_type "
+                             f"{SCALAR_MODEL_TYPE}); got{causal} model_type {model_type}, {architectures}; pass {REWARD_MODEL_EXPECTED}")
+    if kind == "causal_lm" and model_type == SCALAR_MODEL_TYPE:
+        raise UserInputError(f"{flag} {path!r}: expected a causal LM (e.g. an sft.py run's model/); got a reward model saved "
+                             "by reward.py (ScalarModel), which has no language-model head; pass the SFT run's model/")
 
 
 def load_causal_lm(path: str, tokenizer: Any, dtype: Any = TRAINED_DTYPE) -> Any:

@@ -177,7 +177,7 @@ def test_unknown_or_missing_splits_and_paths(embedded_dir, tmp_path):
     (data / "preference" / "validation.jsonl").unlink()
     with pytest.raises(UserInputError, match=r"no file for split 'validation'"):
         main(_small_args(embedded_dir, data))
-    with pytest.raises(UserInputError, match=r"tokenizer/model path '.*missing-model' does not exist"):
+    with pytest.raises(UserInputError, match=r"--base_model '.*missing-model' is not a saved model \(no such directory\)"):
         main(_small_args(embedded_dir, data, base_model=str(tmp_path / "missing-model")))
 
 
