@@ -127,7 +127,8 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark the end-to-end tests `slow`, and order the run for several workers: first one test that needs the PPO
-    and DPO runs (its worker builds the embedded chain at once), then every fast test, the slow tests that build
+    and DPO runs (its worker builds the embedded chain at once) and one that needs every size (the other worker
+    pre-trains them meanwhile), then every fast test, the slow tests that build
     their own inputs, those that need the embedded assets only, then those that need the SFT / RM runs, then the
     PPO / DPO runs, then the later users of a BUILT_FOR_SEVERAL fixture (stable within each group: files and
     tests keep their order)."""
@@ -146,8 +147,12 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    starter = next((i for i, item in enumerate(items) if {"ppo_run", "dpo_run"} <= set(getattr(item, "fixturenames", ()))), None)
-    first = [items.pop(starter)] if starter is not None else []
+    first = []  # the two long builds start at once, one per worker: the embedded chain and every size's pre-training
+    for needs, avoids in (({"ppo_run", "dpo_run"}, set()), ({"embedded_sizes_dir"}, {"sft_run", "ppo_run", "dpo_run", "sweep_dir"})):
+        starter = next((i for i, item in enumerate(items) if needs <= set(getattr(item, "fixturenames", ()))
+                        and not avoids & set(getattr(item, "fixturenames", ()))), None)
+        if starter is not None:
+            first.append(items.pop(starter))
     ranks = {id(item): waits_for(item) for item in items}  # in collection order: the first user of a fixture starts it
     items[:] = first + sorted(items, key=lambda item: ranks[id(item)])
 
@@ -348,8 +353,9 @@ def ppo_run(sft_run, reward_run, embedded_dataset, runs_dir, tmp_path_factory) -
 @pytest.fixture(scope="session")
 def dpo_run(sft_run, reward_run, embedded_dataset, runs_dir, tmp_path_factory) -> Path:
     def build() -> Path:
+        # 50 updates of 32 pairs: validation accuracy 0.72 and gold utility 1.55 (0.73 and 1.57 after 100), in 40 s
         run_module("dpo", *_stage_common(sft_run, reward_run, embedded_dataset, runs_dir), "--run_name", "dpo",
-                   "--total_episodes", "3200", "--max_eval_samples", "100", "--eval_response_length", "53")
+                   "--total_episodes", "1600", "--max_eval_samples", "100", "--eval_response_length", "53")
         return runs_dir / "dpo"
 
     return build_once(tmp_path_factory, "dpo_run", build)

@@ -80,16 +80,16 @@ def parse_view(path: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def view_inputs(embedded_sizes_dir: Path, embedded_dataset: Path, tmp_path_factory) -> dict:
-    """The embedded dataset, base model and a reward model: the base model's backbone with a freshly
-    initialised scalar head (Detail 11) and a normalisation bias (Detail 15), saved and reloaded like
-    reward.py's. Every size is pre-trained: the sampled view lets the other sizes stand in for the policies."""
+def view_inputs(embedded_dir: Path, embedded_sizes_dir: Path, embedded_dataset: Path, tmp_path_factory) -> dict:
+    """The embedded dataset, base model (tiny-pythia-s, pre-trained for the full 1,000 steps: its T 0.01 samples
+    are its top-1, which a 150-step model's near-ties break) and a reward model: the base model's backbone with a
+    freshly initialised scalar head (Detail 11) and a normalisation bias (Detail 15), saved and reloaded like
+    reward.py's. The sampled view lets the other sizes (`embedded_sizes_dir`) stand in for the policies."""
     import datasets
     from transformers import AutoTokenizer
 
     from summarize_from_feedback_details.modeling import ScalarModel
 
-    embedded_dir = embedded_sizes_dir
     base = embedded_dir / "models" / "tiny-pythia-s"
     torch.manual_seed(0)
     reward_model = ScalarModel.from_backbone(str(base))
@@ -97,7 +97,7 @@ def view_inputs(embedded_sizes_dir: Path, embedded_dataset: Path, tmp_path_facto
     path = tmp_path_factory.mktemp("token_view") / "rm"
     reward_model.save_pretrained(str(path))
     validation = datasets.load_from_disk(str(embedded_dataset / "sft"))["validation"]
-    models = embedded_dir / "models"
+    models = embedded_sizes_dir / "models"
     pad = AutoTokenizer.from_pretrained(str(embedded_dataset / "tokenizer")).pad_token_id  # [PAD], added by the data stage
     return {"base": base, "dataset": embedded_dataset, "rm": path, "validation": validation, "models": models, "pad": pad}
 
@@ -149,8 +149,8 @@ def test_sampled_token_view_html(view_inputs: dict, tmp_path: Path):
     (different models, so their tokens leave the base model's top-1) and the base model itself for DPO."""
     models, out = view_inputs["models"], tmp_path / "view.html"
     result = view_cli(
-        source="sample", dataset=view_inputs["dataset"], base_model=models / "tiny-pythia-s",
-        sft_run=models / "tiny-pythia-m", ppo_run=models / "tiny-pythia-l", dpo_run=models / "tiny-pythia-s",
+        source="sample", dataset=view_inputs["dataset"], base_model=view_inputs["base"],
+        sft_run=models / "tiny-pythia-m", ppo_run=models / "tiny-pythia-l", dpo_run=view_inputs["base"],
         reward_model=view_inputs["rm"], response_length=24, pads_shown=2, html=out,
     )  # fmt: skip
     text = out.read_text(encoding="utf-8")
