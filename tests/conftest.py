@@ -104,9 +104,10 @@ WAITS_FOR = (
     ({"embedded_dir", "embedded_sizes_dir", "embedded_dataset", "embedded_tokenizer", "embedded_sweep",
       "view_inputs"}, 2),
 )
-# Fixtures that take one worker minutes to build and serve several tests: the first test that asks for one keeps its
-# place (its worker starts the build early); the others run last, when it is built, instead of idling on its lock.
-BUILT_FOR_SEVERAL = {"embedded_sweep"}
+# Fixtures (or the first link of a chain of fixtures) that take one worker minutes to build and serve several tests:
+# the test that needs the most of it keeps its place (its worker builds all of it at once); the others run last, when
+# it is built, instead of idling on its lock. pythia_data starts the chain of the `pythia`-shape runs.
+BUILT_FOR_SEVERAL = {"embedded_sweep", "pythia_data"}
 LAST = 5
 
 
@@ -132,17 +133,15 @@ def pytest_collection_modifyitems(config, items) -> None:
     their own inputs, those that need the embedded assets only, then those that need the SFT / RM runs, then the
     PPO / DPO runs, then the later users of a BUILT_FOR_SEVERAL fixture (stable within each group: files and
     tests keep their order)."""
-    starters: set[str] = set()
+    def names(item) -> set[str]:
+        return set(getattr(item, "fixturenames", ()))  # the whole closure: a test's fixtures and theirs
 
     def waits_for(item) -> int:
-        names = set(getattr(item, "fixturenames", ()))
         if item.get_closest_marker("slow") is None:
             return 0
-        for fixture in sorted(BUILT_FOR_SEVERAL & names):
-            if fixture in starters:
-                return LAST
-            starters.add(fixture)
-        return next((rank for fixtures, rank in WAITS_FOR if fixtures & names), 1)
+        if any(builders[fixture] is not item for fixture in BUILT_FOR_SEVERAL & names(item)):
+            return LAST
+        return next((rank for fixtures, rank in WAITS_FOR if fixtures & names(item)), 1)
 
     for item in items:
         if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
@@ -153,8 +152,9 @@ def pytest_collection_modifyitems(config, items) -> None:
                         and not avoids & set(getattr(item, "fixturenames", ()))), None)
         if starter is not None:
             first.append(items.pop(starter))
-    ranks = {id(item): waits_for(item) for item in items}  # in collection order: the first user of a fixture starts it
-    items[:] = first + sorted(items, key=lambda item: ranks[id(item)])
+    builders = {fixture: max((item for item in items if fixture in names(item)), key=lambda item: len(names(item)), default=None)
+                for fixture in BUILT_FOR_SEVERAL}  # the first of the users that need the most
+    items[:] = first + sorted(items, key=waits_for)
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:
