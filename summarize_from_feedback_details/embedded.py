@@ -44,7 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from summarize_from_feedback_details.core import CNNDM_BATCHES, atomic_directory, write_json
+from summarize_from_feedback_details.core import (
+    CNNDM_BATCHES,
+    UserInputError,
+    atomic_directory,
+    run_main,
+    write_json,
+)
 
 EMBEDDED_VERSION = 4
 EOS_TOKEN = "<|endoftext|>"
@@ -526,19 +532,21 @@ def _stamp(config: BuildConfig, part: str) -> dict[str, Any]:
     return {"version": EMBEDDED_VERSION, "part": part, "config": dataclasses.asdict(config)}
 
 
-def _is_built(directory: Path, stamp: dict[str, Any]) -> bool:
+def _built_stamp(directory: Path) -> dict[str, Any] | None:
     marker = directory / "embedded_stamp.json"
-    return marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(stamp))
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def _is_built(directory: Path, stamp: dict[str, Any]) -> bool:
+    return _built_stamp(directory) == json.loads(json.dumps(stamp))
 
 
 def _built_with_other_steps(directory: Path, stamp: dict[str, Any]) -> int | None:
     """The step count of a model in `directory` built exactly as `stamp` says except for its pre-training steps."""
-    marker = directory / "embedded_stamp.json"
-    if not marker.exists():
+    built, wanted = _built_stamp(directory), json.loads(json.dumps(stamp))
+    if built is None:
         return None
-    built = json.loads(marker.read_text())
     steps = built.get("size", {}).pop("pretrain_steps", None)
-    wanted = json.loads(json.dumps(stamp))
     wanted["size"].pop("pretrain_steps")
     return steps if built == wanted else None
 
@@ -659,9 +667,9 @@ def ensure_built(
     known = [size.name for size in MODEL_SIZES]
     unknown = sorted(set(sizes or ()) - set(known))
     if unknown:
-        raise ValueError(f"unknown embedded model size(s) {unknown}: choose from {known}")
+        raise UserInputError(f"unknown embedded model size(s) {unknown}: choose from {known}")
     if pretrain_steps is not None and pretrain_steps < 1:
-        raise ValueError(f"--pretrain_steps {pretrain_steps}: give a positive step count, or leave it out for each size's own "
+        raise UserInputError(f"--pretrain_steps {pretrain_steps}: give a positive step count, or leave it out for each size's own "
                          f"({', '.join(f'{size.name} {size.pretrain_steps}' for size in MODEL_SIZES)})")
     wanted = [dataclasses.replace(size, pretrain_steps=pretrain_steps or size.pretrain_steps)
               for size in MODEL_SIZES if sizes is None or size.name in sizes]
@@ -743,6 +751,7 @@ class BuildArgs:
 if __name__ == "__main__":
     import tyro
 
-    build_args = tyro.cli(BuildArgs, description="Build the embedded offline TL;DR-like task.", use_underscores=True)
-    print(json.dumps(ensure_built(build_args.out_dir, build_args.config, build_args.force, build_args.sizes,
-                                  build_args.pretrain_steps), indent=2))
+    def build(args: BuildArgs) -> None:
+        print(json.dumps(ensure_built(args.out_dir, args.config, args.force, args.sizes, args.pretrain_steps), indent=2))
+
+    run_main(build, tyro.cli(BuildArgs, description="Build the embedded offline TL;DR-like task.", use_underscores=True))

@@ -28,6 +28,7 @@ from summarize_from_feedback_details.core import (
 )
 from summarize_from_feedback_details.modeling import (
     TRAINED_DTYPE,
+    ScalarModelConfig,
     disable_dropout,
     dropout_free_config,
     generate,
@@ -295,8 +296,8 @@ DATASET_EXPECTED = ("a directory written by tldr_dataset (run `python -m summari
                     "first) or a hub id of such a dataset")
 CAUSAL_LM_EXPECTED = "a causal LM saved with save_pretrained (an sft.py run's model/, or a base model) or a hub model id"
 REWARD_MODEL_EXPECTED = "the model/ folder of a reward.py run (<run>/model)"
-SCALAR_MODEL_TYPE = "sffd_scalar_model"
-"""`model_type` in the config.json of a reward model saved by reward.py (modeling.ScalarModelConfig)"""
+SCALAR_MODEL_TYPE = ScalarModelConfig.model_type
+"""`model_type` in the config.json of a reward model saved by reward.py"""
 
 
 def check_input_paths(args: Any, datasets: Sequence[str] = (), causal_lms: Sequence[str] = (), reward_models: Sequence[str] = ()) -> None:

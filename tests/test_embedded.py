@@ -169,3 +169,23 @@ def test_built_assets_are_reused_and_rebuilt_deterministically(embedded_sizes_di
     E.ensure_built(copy, pretrain_steps=SIZES_PRETRAIN_STEPS)
     assert filecmp.cmp(copy / "tokenizer" / "tokenizer.json", embedded_dir / "tokenizer" / "tokenizer.json", shallow=False)
     assert copied_weights.stat().st_mtime_ns == copied_mtime  # the models were not retrained
+
+
+@pytest.mark.slow
+def test_build_bad_input_is_one_line_before_any_work(tmp_path):
+    """`embedded --pretrain_steps 0` (a real process): exit 2, one line naming the flag and the sizes' own counts,
+    nothing written; an unknown size is the same kind of error."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "assets"
+    result = subprocess.run([sys.executable, "-m", "summarize_from_feedback_details.embedded", "--out_dir", str(out),
+                             "--pretrain_steps", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --pretrain_steps 0: give a positive step count, or leave it out for each size's own "
+        "(tiny-pythia-s 1000, tiny-pythia-m 1000, tiny-pythia-l 1000)"]
+    assert not out.exists()
+    with pytest.raises(E.UserInputError, match=r"unknown embedded model size\(s\) \['tiny-pythia-xl'\]"):
+        E.ensure_built(out, sizes=["tiny-pythia-xl"])
+    assert not out.exists()
