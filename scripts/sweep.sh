@@ -146,11 +146,14 @@ pythia_args() { # stage size -> the per-size arguments, printed one per line
   esac
 }
 
-# --reduced: one or two updates per stage (the global batch of each preset) and a few evaluation samples.
+# --reduced: one or two updates per stage and a few evaluation samples. Pythia: the global batch of each preset;
+# embedded: batches of 16 (a quarter of the seconds of the presets' 32, PPO's 64): 2 updates, PPO 1.
 reduced_args() { # stage -> arguments, one per line
   local stage=$1 episodes samples
   if ((embedded)); then
-    episodes=64 samples=8
+    case $stage in ppo) episodes=16 ;; *) episodes=32 ;; esac
+    samples=8
+    printf '%s\n' --batch_size 16 --local_micro_batch_size 16
   else
     case $stage in sft) episodes=128 ;; ppo) episodes=512 ;; *) episodes=64 ;; esac
     samples=64
@@ -158,7 +161,7 @@ reduced_args() { # stage -> arguments, one per line
   printf '%s\n' --total_episodes "$episodes" --max_eval_samples "$samples"
   case $stage in
     reward) printf '%s\n' --normalization_samples "$episodes" --padding_check_samples "$samples" ;;
-    ppo) if ((embedded)); then printf '%s\n' --local_eval_batch_size "$samples"; fi ;;
+    ppo) if ((embedded)); then printf '%s\n' --local_rollout_forward_batch_size 16 --local_eval_batch_size "$samples"; fi ;;
   esac
 }
 
@@ -268,6 +271,10 @@ if ((jobs == 1 || dry_run)); then
   done
 else
   # Cells in parallel (the stages of a cell stay in order); each cell's output goes to logs/{size}_seed{seed}.out.
+  # Each cell gets its share of the cores (torch would start a thread per core in every process and oversubscribe
+  # the machine); a user's own OMP_NUM_THREADS wins.
+  cores=$(nproc 2>/dev/null || echo 1)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cores / jobs > 0 ? cores / jobs : 1))}
   mkdir -p "$sweep_dir/logs"
   failed=0 running=0
   for size in $sizes; do

@@ -120,7 +120,7 @@ def test_local_sweep_writes_every_cell(embedded_sweep: Path, embedded_sizes_dir:
         "dpo": ["metrics.json", "args.json", "model/config.json", "model/model.safetensors", "query_responses_validation.csv",
                 "query_responses_test.csv", "eval_comparisons.csv"],
     }
-    # --reduced: 64 examples per stage = 2 updates of the embedded batch 32 (PPO: 1 update of 64); 8 eval samples.
+    # --reduced: 32 examples per stage = 2 updates of 16 (PPO: 1 update of 16 rollouts); 8 eval samples.
     updates = {"sft": 2, "reward": 2, "ppo": 1, "dpo": 2}
     for size in SIZES:
         for seed in SEEDS:
