@@ -1,4 +1,5 @@
-"""Time one full PPO update (rollout + 4 epochs of training) of our `ppo.py` code path against TRL 1.12's
+"""Time one full PPO update (rollout + 4 epochs of training) of our `ppo.py` code path (and of `rloo.py`'s update,
+`--implementations ours ours_rloo`) against TRL 1.12's
 PPO trainer (`trl.experimental.ppo`, the benchmark-only `bench` extra) at identical settings, side by side
 in one run: the same random-weight GPT-NeoX shapes, batch, left-padded queries, 53 response tokens,
 4 PPO epochs, 1 minibatch, temperature 0.7. Each (shape, implementation) runs in its own process, so its
@@ -8,6 +9,7 @@ peak RSS is its own; the matmul ceiling of the machine is measured in the same r
     python benchmark/bench_ppo.py --dtype bf16                      # the same under bf16 autocast
     python benchmark/bench_ppo.py --device cuda --dtype bf16 --shapes pythia-1b
     python benchmark/bench_ppo.py --shapes pythia-14m --implementations ours --profile   # torch.profiler table
+    python benchmark/bench_ppo.py --shapes pythia-14m pythia-70m --implementations ours ours_rloo --name rloo_vs_ppo_cpu_fp32
 
 Our update is `ppo.py`'s loop body, factored into `ours_update` below, calling the same functions
 (`modeling.sample`, `response_logits`, `sequence_scores`, `per_token_rewards`, GAE, `ppo_losses`, one
@@ -37,15 +39,17 @@ from summarize_from_feedback_details.core import write_text  # noqa: E402
 
 IMPLEMENTATIONS = ("ours", "trl")
 PROPOSED = "ours_proposed"
+RLOO = "ours_rloo"
+"""rloo.py's update (k 2, no critic) through the same harness: the same rollouts per update (batch / 2 prompts x 2)"""
 
 
 @dataclass
 class Args(common.MeasureArgs):
     shapes: tuple[str, ...] = ("tiny", "pythia-14m", "pythia-70m")
     """model shapes to time: tiny (the embedded tiny-pythia-s), pythia-14m, pythia-70m, pythia-1b"""
-    implementations: tuple[Literal["ours", "trl", "ours_proposed"], ...] = IMPLEMENTATIONS
+    implementations: tuple[Literal["ours", "trl", "ours_proposed", "ours_rloo"], ...] = IMPLEMENTATIONS
     """which PPO updates to time (trl needs `pip install trl==1.12.0`, the benchmark-only extra); ours_proposed:
-    ours with ppo.py's CPU speed-up flags (--sampler inverse_cdf --skip_left_padding)"""
+    ours with ppo.py's CPU speed-up flags (--sampler inverse_cdf --skip_left_padding); ours_rloo: rloo.py's update (k 2)"""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 autocast around the whole update (rollouts and training) for both implementations"""
     bf16_scope: Literal["update", "training"] = "update"
@@ -69,6 +73,11 @@ class Args(common.MeasureArgs):
     """AdamW learning rate of both (G-1)"""
     name: str | None = None
     """results file name (default: ppo_{device}_{dtype})"""
+    lora_r: int = 0
+    """ours: LoRA adapters of this rank on the policy and the critic (`lora.py`; 0: full fine-tuning); the reference
+    policy is then the policy with its adapters off, not a copy"""
+    gradient_checkpointing: bool = False
+    """ours: gradient checkpointing on the policy and the critic (`lora.py`)"""
     profile: bool = False
     """also run one extra update of ours under torch.profiler and save the phases and top operators
     ({name}_profile_{shape}_{implementation}.txt); the profiler's memory counts in that case's peak RSS"""
@@ -103,7 +112,7 @@ def training_phase_flops(case: dict[str, Any]) -> float:
             forward += common.unpadded_row_forward_flops(shape, row_tokens, kept, 1)
     else:
         policy = common.forward_flops(shape, case["batch_size"], tokens, kept, shape.vocab_size)
-        critic = common.forward_flops(shape, case["batch_size"], tokens, tokens, 1)
+        critic = common.forward_flops(shape, case["batch_size"], tokens, tokens, 1) if case["implementation"] != RLOO else 0.0
         forward = policy + critic
     return case["num_ppo_epochs"] * common.training_flops(forward)
 
@@ -142,7 +151,7 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
     import numpy as np
     from transformers import GPTNeoXForCausalLM
 
-    from summarize_from_feedback_details import ppo
+    from summarize_from_feedback_details import lora, ppo, rl, rloo
     from summarize_from_feedback_details.modeling import (
         ScalarModel,
         ScalarModelConfig,
@@ -153,7 +162,8 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
 
     shape = common.get_shape(case["shape"])
     batch = case["batch_size"]
-    args = ppo.Args(
+    is_rloo = case["implementation"] == RLOO
+    args = (rloo.Args if is_rloo else ppo.Args)(
         seed=case["seed"], output_dir=run_dir, lr=case["lr"], batch_size=batch, num_mini_batches=1, local_micro_batch_size=batch,
         local_rollout_forward_batch_size=batch, num_ppo_epochs=case["num_ppo_epochs"], response_length=case["response_length"],
         temperature=case["temperature"], total_episodes=batch * case["num_updates"], eval_every=0,
@@ -162,7 +172,7 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
         skip_left_padding=case["implementation"] == PROPOSED,
     )
     stage = Stage.start(args)
-    plan = ppo.plan_ppo(args, stage.world_size)
+    plan = rl.plan_ppo(args, stage.world_size)
     config = common.neox_config(shape)
     with common.build_on(case["device"]):
         policy = disable_dropout(GPTNeoXForCausalLM(dropout_free_config(config)))
@@ -170,12 +180,17 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
         reward_model = disable_dropout(ScalarModel(ScalarModelConfig(base_config=config.to_dict()))).eval()
         critic = copy.deepcopy(reward_model)
     reward_model.requires_grad_(False)
-    model = ppo.PolicyAndValue(policy, critic)
+    # --lora_r / --gradient_checkpointing (lora.py): as ppo.py applies them; LoRA's reference is the policy, adapters off
+    memory = lora.LoraArgs(lora_r=case.get("lora_r", 0), gradient_checkpointing=case.get("gradient_checkpointing", False))
+    policy, critic = lora.prepare_trained(policy, memory, "random"), lora.prepare_trained(critic, memory, "random")
+    ref_policy = None if memory.lora_r else ref_policy
+    model = rloo.Policy(policy) if is_rloo else ppo.PolicyAndValue(policy, critic)
     optimizer, scheduler = make_optimizer_and_scheduler(model, args.lr, args.eps, args.scheduler, args.warm_up_steps, plan.num_updates)
     accelerator = stage.accelerator(plan.mini)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
-    ref_policy.to(device)
+    if ref_policy is not None:
+        ref_policy.to(device)
     reward_model.to(device)
     queries = common.random_queries(shape, batch, case["query_length"], case["max_left_padding"], case["seed"])
     train = datasets.Dataset.from_dict({"query_token": queries})
@@ -183,7 +198,8 @@ def ours_setup(case: dict[str, Any], run_dir: str) -> OursContext:
         args=args, plan=plan, stage=stage, accelerator=accelerator, model=model, unwrapped=accelerator.unwrap_model(model),
         ref_policy=ref_policy, reward_model=reward_model, optimizer=optimizer, scheduler=scheduler,
         kl_controller=ppo.FixedKLController(args.kl_coef), train=train,
-        prompts=ppo.prompt_batches(len(train), args.batch_size, stage.rank, stage.world_size, args.seed),
+        prompts=rloo.grouped_prompt_batches(len(train), args.batch_size, args.rloo_k, stage.rank, stage.world_size, args.seed)
+        if is_rloo else rl.prompt_batches(len(train), args.batch_size, stage.rank, stage.world_size, args.seed),
         shuffle=np.random.default_rng(args.seed + stage.rank * 100003), pad=shape.pad_token_id, eos=common.EOS_TOKEN_ID,
         loss_temperature=args.temperature if args.scale_logits_by_temperature else None, device=device,
     )
@@ -196,24 +212,33 @@ def ours_update(ctx: OursContext) -> dict[str, float]:
     import torch
     from torch.profiler import record_function
 
-    from summarize_from_feedback_details import ppo
+    from summarize_from_feedback_details import ppo, rloo
     from summarize_from_feedback_details.training import batch_tensor
 
     args, accelerator = ctx.args, ctx.accelerator
+    stage_module = rloo if isinstance(args, rloo.Args) else ppo
     start, cpu_start = time.perf_counter(), time.process_time()
     queries = batch_tensor(ctx.train.select(next(ctx.prompts)), "query_token", ctx.device)
-    batch = ppo.collect_rollouts(ctx.unwrapped, ctx.ref_policy, ctx.reward_model, queries, args, ctx.kl_controller.value,
-                                 ctx.pad, ctx.eos, args.response_length, ctx.loss_temperature)
+    if stage_module is rloo:  # rloo.py's update: k samples per prompt, leave-one-out advantages, no critic
+        batch = rloo.collect_rollouts(ctx.unwrapped.policy, ctx.ref_policy, ctx.reward_model, queries, args, True, ctx.pad,
+                                      ctx.eos, args.response_length, ctx.loss_temperature)
+    else:
+        batch = ppo.collect_rollouts(ctx.unwrapped, ctx.ref_policy, ctx.reward_model, queries, args, ctx.kl_controller.value,
+                                     ctx.pad, ctx.eos, args.response_length, ctx.loss_temperature)
     common.synchronize(ctx.device.type)
     rollout_end, rollout_cpu_end = time.perf_counter(), time.process_time()
-    stats, ratios = ppo.train_on_rollouts(ctx.model, accelerator, ctx.optimizer, batch, args, ctx.plan, ctx.shuffle,
-                                          ctx.pad, ctx.loss_temperature)
+    if stage_module is rloo:
+        stats, ratios = rloo.train_on_rollouts(ctx.model, accelerator, ctx.optimizer, batch, args, ctx.plan, ctx.shuffle,
+                                               ctx.pad, ctx.loss_temperature, True)
+    else:
+        stats, ratios = ppo.train_on_rollouts(ctx.model, accelerator, ctx.optimizer, batch, args, ctx.plan, ctx.shuffle,
+                                              ctx.pad, ctx.loss_temperature)
     ctx.scheduler.step()
     common.synchronize(ctx.device.type)
     train_end, train_cpu_end = time.perf_counter(), time.process_time()
     # The per-update statistics: ppo.py logs them; here only reduced to floats, which syncs like the stage.
     with torch.no_grad(), record_function("log/stats"):
-        local = ppo.update_statistics(batch, stats, ratios, ctx.eos)
+        local = stage_module.update_statistics(batch, stats, ratios, ctx.eos)
         names = list(local)
         reduced = accelerator.reduce(torch.stack([local[k].float() for k in names]).to(ctx.device), reduction="mean")
         logged = dict(zip(names, reduced.tolist(), strict=True))
@@ -234,7 +259,7 @@ def first_minibatch_ratio(ctx: OursContext) -> dict[str, float]:
     padding); the ratios over the valid response tokens. No optimizer step; the rollouts' random draws are spent."""
     import torch
 
-    from summarize_from_feedback_details import ppo
+    from summarize_from_feedback_details import ppo, rl
     from summarize_from_feedback_details.modeling import gather_logprobs
     from summarize_from_feedback_details.training import batch_tensor
 
@@ -246,7 +271,7 @@ def first_minibatch_ratio(ctx: OursContext) -> dict[str, float]:
     ctx.unwrapped.policy.train()
     logits, new_values = ctx.model(batch["query_responses"][idx], pad, batch["context_length"], ctx.loss_temperature, args.skip_left_padding)
     padding, value_padding = batch["padding_mask"][idx], batch["value_padding_mask"][idx]
-    new_logprobs = gather_logprobs(logits, batch["responses"][idx]).masked_fill(padding, ppo.INVALID_LOGPROB)
+    new_logprobs = gather_logprobs(logits, batch["responses"][idx]).masked_fill(padding, rl.INVALID_LOGPROB)
     old_logprobs = batch["logprobs"][idx]
     losses = ppo.ppo_losses(new_logprobs, old_logprobs, batch["advantages"][idx], new_values.masked_fill(value_padding, 0.0),
                             batch["values"][idx], batch["returns"][idx], padding, value_padding, args.cliprange,
@@ -292,13 +317,15 @@ def run_ours(case: dict[str, Any]) -> dict[str, Any]:
     common.setup_torch(case["threads"], case["seed"])
     with tempfile.TemporaryDirectory() as run_dir:
         ctx = ours_setup(case, run_dir)
-        result: dict[str, Any] = {"rss_after_setup_mib": common.current_rss_mib()}
-        if case["dtype"] == "bf16":
+        result: dict[str, Any] = {"rss_after_setup_mib": common.current_rss_mib(),
+                                  "trained_parameters": sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)}
+        if case["dtype"] == "bf16" and case["implementation"] != RLOO:  # (it compares the critic too)
             result["bf16_tolerance"] = bf16_tolerance(ctx, ctx.device.type)
         updates = []
         # bf16_scope "training": only the training forward is autocast (by accelerate, as in ppo.py), not the rollouts
         with autocast(ctx.device.type, case["dtype"] if case.get("bf16_scope", "update") == "update" else "fp32"):
-            result["first_minibatch"] = first_minibatch_ratio(ctx)
+            if case["implementation"] != RLOO:  # ppo.py's losses (rloo.py's: tests/test_rloo.py)
+                result["first_minibatch"] = first_minibatch_ratio(ctx)
             for _ in range(case["num_updates"]):
                 updates.append(ours_update(ctx))
             if case.get("profile"):
@@ -458,7 +485,8 @@ def main(args: Args) -> dict[str, Any]:
     results: dict[str, Any] = {"command": common.command_line(), "args": asdict(args), "machine": common.machine_description(), "cases": []}
     results["matmul_ceiling_start"] = common.matmul_ceiling(args.device, args.dtype, args.ceiling_seconds)
     settings = {k: getattr(args, k) for k in ("device", "dtype", "bf16_scope", "batch_size", "query_length", "response_length",
-                                              "num_ppo_epochs", "temperature", "lr", "warmup", "threads", "seed")}
+                                              "num_ppo_epochs", "temperature", "lr", "warmup", "threads", "seed",
+                                              "lora_r", "gradient_checkpointing")}
     settings["max_left_padding"] = int(args.max_left_padding_fraction * args.query_length)
     for shape in args.shapes:
         for implementation in args.implementations:
@@ -484,7 +512,7 @@ def main(args: Args) -> dict[str, Any]:
 def results_table(cases: list[dict[str, Any]], ceiling: float, shapes: tuple[str, ...]) -> str:
     """One row per shape: median s/update of each implementation, the ratios to TRL, peak RSS, ours' phases and
     its training phase's achieved FLOP/s as a share of the measured matmul ceiling, the machine's load."""
-    present = [i for i in (*IMPLEMENTATIONS, PROPOSED) if any(c["implementation"] == i for c in cases)]
+    present = [i for i in (*IMPLEMENTATIONS, PROPOSED, RLOO) if any(c["implementation"] == i for c in cases)]
     ours_like = [i for i in present if i != "trl"]
     header = ["shape", *[f"{i} s/update: wall (CPU)" for i in present]]
     if "trl" in present:

@@ -76,6 +76,7 @@ SHAPES: dict[str, Any] = {
     "tiny": _embedded_tiny,
     "pythia-14m": lambda: Shape("pythia-14m", 128, 6, 4, 512, 50304, 50277),
     "pythia-70m": lambda: Shape("pythia-70m", 512, 6, 8, 2048, 50304, 50277),
+    "pythia-160m": lambda: Shape("pythia-160m", 768, 12, 12, 3072, 50304, 50277),
     "pythia-1b": lambda: Shape("pythia-1b", 2048, 16, 8, 8192, 50304, 50277),
 }
 

@@ -9,12 +9,15 @@
 #   scripts/sweep.sh --dry_run                        # print every command, run nothing
 #
 # Layout (judge.py and the figures read it; keep it):
-#   {sweep_dir}/{size}/seed{seed}/{sft,reward,ppo,dpo}/   run directories (metrics.json, query_responses_*, model/)
-#   {sweep_dir}/{size}/seed{seed}/judge/{sft,ppo,dpo}/    judge.py outputs per policy (--stages ... judge)
+#   {sweep_dir}/{size}/seed{seed}/{sft,reward,ppo,rloo,dpo}/   run directories (metrics.json, query_responses_*, model/)
+#   {sweep_dir}/{size}/seed{seed}/judge/{sft,ppo,rloo,dpo}/    judge.py outputs per policy (--stages ... judge)
 #   {sweep_dir}/figures/                                  paper_figures.py output (--stages ... figures)
 #   {sweep_dir}/logs/                                     one log per stage run, timings.tsv
 # A finished stage (metrics.json and no FAILED.json, which a run that failed after creating its folder leaves) is
-# skipped (a resumed or requeued sweep continues where it stopped); --force reruns it. scripts/slurm/submit.sh runs
+# skipped (a resumed or requeued sweep continues where it stopped); --force reruns it. A stage stopped mid-run
+# continues from its newest checkpoint (--resume auto, checkpoint.py). SIGUSR1 / SIGTERM to this script are
+# forwarded to the running stage (SIGUSR1), which checkpoints at its next update boundary; the sweep then exits 124
+# (core.REQUEUE_EXIT_CODE) for scripts/slurm/array_task.sh to requeue. scripts/slurm/submit.sh runs
 # the same cells and commands as slurm array jobs.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,7 +26,7 @@ export HF_DATASETS_DISABLE_PROGRESS_BARS="${HF_DATASETS_DISABLE_PROGRESS_BARS:-1
 PYTHON=${PYTHON:-python}
 PACKAGE=summarize_from_feedback_details
 PYTHIA_SIZES="1b 2.8b 6.9b"
-ALL_STAGES="sft reward ppo dpo judge figures"
+ALL_STAGES="sft reward ppo rloo dpo judge figures"
 
 usage() {
   cat <<'EOF'
@@ -32,8 +35,8 @@ usage: scripts/sweep.sh [options]
   --sizes "A B"            model sizes, separated by spaces or commas (default: 1b 2.8b 6.9b, i.e.
                            EleutherAI/pythia-{size}-deduped; --embedded: tiny-pythia-s tiny-pythia-m tiny-pythia-l)
   --seeds "A B"            seeds (default: 44413 55513 66613 77713)
-  --stages "A B"           stages to run per cell, always in the order sft reward ppo dpo judge, then figures
-                           once for the sweep (default: sft reward ppo dpo)
+  --stages "A B"           stages to run per cell, always in the order sft reward ppo rloo dpo judge, then figures
+                           once for the sweep (default: sft reward ppo dpo; add rloo for RLOO / GRPO, rloo.py)
   --embedded               the embedded offline task on CPU (builds its assets and dataset when missing)
   --sweep_dir DIR          where the cells go (default: sweeps/pythia, or sweeps/embedded with --embedded)
   --dataset PATH|HUB_ID    processed data of tldr_dataset (default: datasets/tldr; embedded: datasets/embedded)
@@ -45,6 +48,9 @@ usage: scripts/sweep.sh [options]
   --reduced                smoke-test lengths: one or two updates per stage and a few evaluation samples
   --track                  log the stages to Weights & Biases
   --force                  rerun stages whose metrics.json exists
+  --resume MODE            the training stages' --resume: auto (default: continue a stage stopped mid-run from its
+                           newest checkpoint) or none (start it again)
+  --save_every N           the training stages write a checkpoint every N updates (default: only when signalled)
   --list_cells             print the cells ("size seed", one per line) and exit (slurm array tasks use it)
   --dry_run                print the commands (one per line, shell-quoted) and run nothing
   -h, --help               this help
@@ -58,10 +64,11 @@ die() {
 
 sizes="" seeds="44413 55513 66613 77713" stages="sft reward ppo dpo" embedded=0 sweep_dir="" dataset=""
 embedded_dir="assets/embedded" accelerate_config="configs/accelerate/deepspeed_zero2_bf16.yaml" num_processes=""
-jobs=1 reduced=0 track=0 force=0 list_cells=0 dry_run=0
+jobs=1 reduced=0 track=0 force=0 list_cells=0 dry_run=0 resume=auto save_every=""
 while (($#)); do
   case $1 in
-    --sizes | --seeds | --stages | --sweep_dir | --dataset | --embedded_dir | --accelerate_config | --num_processes | --jobs)
+    --sizes | --seeds | --stages | --sweep_dir | --dataset | --embedded_dir | --accelerate_config | --num_processes | --jobs | \
+      --resume | --save_every)
       [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value (see --help)"
       name=${1#--}
       printf -v "$name" '%s' "$2"
@@ -96,6 +103,8 @@ done
 for seed in $seeds; do
   [[ $seed =~ ^[0-9]+$ ]] || die "seed '$seed' is not a non-negative integer"
 done
+[[ $resume == auto || $resume == none ]] || die "--resume must be auto or none, not '$resume'"
+[[ -z $save_every || $save_every =~ ^[0-9]+$ ]] || die "--save_every '$save_every' is not a non-negative integer"
 for stage in $stages; do
   [[ " $ALL_STAGES " == *" $stage "* ]] || die "unknown stage '$stage'; choose from: $ALL_STAGES"
 done
@@ -136,7 +145,7 @@ pythia_args() { # stage size -> the per-size arguments, printed one per line
   case $stage in
     sft) printf '%s\n' --base_model "EleutherAI/pythia-$size-deduped" --local_micro_batch_size 1 --local_eval_batch_size 4 ;;
     reward | dpo) printf '%s\n' --local_micro_batch_size 1 --local_eval_batch_size "$eval_batch" ;;
-    ppo)
+    ppo | rloo)
       printf '%s\n' --local_rollout_forward_batch_size "$rollout" --local_micro_batch_size "$micro" \
         --local_eval_batch_size "$eval_batch"
       if [[ $size == 6.9b ]]; then
@@ -151,17 +160,17 @@ pythia_args() { # stage size -> the per-size arguments, printed one per line
 reduced_args() { # stage -> arguments, one per line
   local stage=$1 episodes samples
   if ((embedded)); then
-    case $stage in ppo) episodes=16 ;; *) episodes=32 ;; esac
+    case $stage in ppo | rloo) episodes=16 ;; *) episodes=32 ;; esac
     samples=8
     printf '%s\n' --batch_size 16 --local_micro_batch_size 16
   else
-    case $stage in sft) episodes=128 ;; ppo) episodes=512 ;; *) episodes=64 ;; esac
+    case $stage in sft) episodes=128 ;; ppo | rloo) episodes=512 ;; *) episodes=64 ;; esac
     samples=64
   fi
   printf '%s\n' --total_episodes "$episodes" --max_eval_samples "$samples"
   case $stage in
     reward) printf '%s\n' --normalization_samples "$episodes" --padding_check_samples "$samples" ;;
-    ppo) if ((embedded)); then printf '%s\n' --local_rollout_forward_batch_size 16 --local_eval_batch_size "$samples"; fi ;;
+    ppo | rloo) if ((embedded)); then printf '%s\n' --local_rollout_forward_batch_size 16 --local_eval_batch_size "$samples"; fi ;;
   esac
 }
 
@@ -190,7 +199,7 @@ stage_command() { # stage size seed
   case $stage in
     sft) ((!embedded)) || CMD+=(--base_model "$embedded_dir/models/$size") ;;
     reward) CMD+=(--sft_model_path "$cell/sft/model") ;;
-    ppo | dpo) CMD+=(--sft_model_path "$cell/sft/model" --reward_model_path "$cell/reward/model") ;;
+    ppo | rloo | dpo) CMD+=(--sft_model_path "$cell/sft/model" --reward_model_path "$cell/reward/model") ;;
   esac
   if ((!embedded)); then
     while IFS= read -r line; do CMD+=("$line"); done < <(pythia_args "$stage" "$size")
@@ -199,6 +208,8 @@ stage_command() { # stage size seed
     while IFS= read -r line; do CMD+=("$line"); done < <(reduced_args "$stage")
   fi
   ((!track)) || CMD+=(--track)
+  CMD+=(--resume "$resume")  # a stage stopped mid-run continues from its newest checkpoint
+  [[ -z $save_every ]] || CMD+=(--save_every "$save_every")
 }
 
 run() { # log_name command... : print it; unless --dry_run, run it with its output also in {sweep_dir}/logs
@@ -209,14 +220,42 @@ run() { # log_name command... : print it; unless --dry_run, run it with its outp
     echo "${line% }"
     return
   fi
+  ((!preempted)) || exit "$REQUEUE_EXIT_CODE"  # signalled between two stages: start no new one
   echo "+ $*"
   mkdir -p "$sweep_dir/logs"
   start=$(date +%s)
+  # In the background, so that a signal reaches the trap below while the stage runs (bash runs traps between commands)
+  "$@" > >(tee "$sweep_dir/logs/$name.log") 2>&1 &
+  stage_pid=$!
   status=0
-  "$@" 2>&1 | tee "$sweep_dir/logs/$name.log" || status=$?
+  wait "$stage_pid" || status=$?
+  while ((status > 128)) && kill -0 "$stage_pid" 2>/dev/null; do  # a trapped signal interrupted the wait
+    status=0
+    wait "$stage_pid" || status=$?
+  done
+  stage_pid=""
   printf '%s\t%s\t%s\n' "$name" "$(($(date +%s) - start))" "$status" >>"$sweep_dir/logs/timings.tsv"
+  if ((status == REQUEUE_EXIT_CODE || preempted)); then
+    echo "sweep.sh: $name stopped after a checkpoint (status $status); rerun or requeue to continue it (--resume auto)" >&2
+    exit "$REQUEUE_EXIT_CODE"
+  fi
   ((status == 0)) || die "$name failed with status $status; its log: $sweep_dir/logs/$name.log"
 }
+
+# Preemption (slurm's --signal=B:USR1, or SIGTERM): SIGUSR1 to the running stage, which checkpoints at its next update
+# boundary and exits REQUEUE_EXIT_CODE. A stage under a launcher (accelerate launch) gets it in every worker process.
+REQUEUE_EXIT_CODE=124
+stage_pid="" preempted=0
+forward_preemption() {
+  preempted=1
+  [[ -n $stage_pid ]] || return 0
+  local workers
+  workers=$(pgrep -P "$stage_pid" -f "$PACKAGE" || true)
+  echo "sweep.sh: preemption signal: SIGUSR1 to ${workers:-$stage_pid}" >&2
+  # shellcheck disable=SC2086 # one argument per process id
+  kill -USR1 ${workers:-$stage_pid} 2>/dev/null || true
+}
+trap forward_preemption USR1 TERM
 
 note() { # a message; a comment line in --dry_run output
   if ((dry_run)); then echo "# $*"; else echo; echo "=== $* ($(($(date +%s) - sweep_start)) s) ==="; fi
@@ -225,7 +264,7 @@ note() { # a message; a comment line in --dry_run output
 sweep_start=$(date +%s)
 wants() { [[ " $stages " == *" $1 "* ]]; }
 cell_stages=""
-for stage in sft reward ppo dpo judge; do
+for stage in sft reward ppo rloo dpo judge; do
   if wants "$stage"; then cell_stages+=" $stage"; fi
 done
 
@@ -254,7 +293,9 @@ run_cell() { # size seed: the cell's stages in order
     fi
     note "$size seed $seed: $stage -> $run_dir"
     if [[ $stage == judge ]]; then
-      for policy in sft ppo dpo; do
+      for policy in sft ppo rloo dpo; do
+        # RLOO is judged when this sweep runs it or an earlier one did
+        [[ $policy != rloo ]] || wants rloo || [[ -f $sweep_dir/$size/seed$seed/rloo/query_responses_validation.csv ]] || continue
         judge_command "$policy" "$size" "$seed"
         run "${size}_seed${seed}_judge_$policy" "${CMD[@]}"
       done

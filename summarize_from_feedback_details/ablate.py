@@ -43,9 +43,10 @@ from summarize_from_feedback_details.core import (
 from summarize_from_feedback_details.details import DETAILS, STAGE_MODULES, Detail
 
 PACKAGE = "summarize_from_feedback_details"
-PipelineStage = Literal["data", "sft", "reward", "ppo", "dpo"]
-STAGES: tuple[str, ...] = ("data", "sft", "reward", "ppo", "dpo")
-TRAINS_ON = {"data": (), "sft": ("data",), "reward": ("data", "sft"), "ppo": ("data", "sft", "reward"), "dpo": ("data", "sft")}
+PipelineStage = Literal["data", "sft", "reward", "ppo", "rloo", "dpo"]
+STAGES: tuple[str, ...] = ("data", "sft", "reward", "ppo", "rloo", "dpo")
+TRAINS_ON = {"data": (), "sft": ("data",), "reward": ("data", "sft"), "ppo": ("data", "sft", "reward"), "rloo": ("data", "sft", "reward"),
+             "dpo": ("data", "sft")}
 """the runs whose outputs a stage trains on: an ablation of X re-runs every stage that (indirectly) trains on X"""
 EVALUATES_WITH = {"dpo": ("reward",)}
 """runs a stage only evaluates with (DPO scores its samples with an RM): taken from the chain, never a reason to re-run"""
@@ -59,6 +60,9 @@ QUICK_ARGS: dict[str, tuple[str, ...]] = {
     "ppo": ("--total_episodes", "32", "--batch_size", "16", "--local_micro_batch_size", "16", "--local_rollout_forward_batch_size", "16",
             "--local_eval_batch_size", "8", "--max_eval_samples", "8", "--eval_splits", "validation", "--eval_every", "1",
             "--logging_steps", "1"),
+    "rloo": ("--total_episodes", "32", "--batch_size", "16", "--local_micro_batch_size", "16", "--local_rollout_forward_batch_size", "16",
+             "--local_eval_batch_size", "8", "--max_eval_samples", "8", "--eval_splits", "validation", "--eval_every", "1",
+             "--logging_steps", "1"),
     "dpo": ("--total_episodes", "64", "--max_eval_samples", "8", "--eval_splits", "validation"),
 }
 """--quick: a couple of updates and a few evaluation samples per stage (smoke runs and tests, not results)"""
@@ -73,6 +77,8 @@ STAGE_METRICS: dict[str, tuple[str, ...]] = {
     # first/last value loss: how fast the critic fits the returns (Detail 22).
     "ppo": ("eval/validation/score", "eval/validation/gold_win_rate", "eval/validation/gold_utility", "eval/validation/eos_rate",
             "derived/validation/stop_rate", "eval/validation/response_token_len", "last/val/eos_rate", "last/objective/kl", "first/loss/value_avg", "last/loss/value_avg"),
+    "rloo": ("eval/validation/score", "eval/validation/gold_win_rate", "eval/validation/gold_utility", "eval/validation/eos_rate",
+             "derived/validation/stop_rate", "eval/validation/response_token_len", "last/val/eos_rate", "last/objective/kl"),
     "dpo": ("eval/accuracy/split/validation", "eval/validation/gold_win_rate", "eval/validation/gold_utility",
             "eval/validation/eos_rate", "derived/validation/stop_rate", "eval/validation/response_token_len", "eval/validation/score"),
 }
@@ -82,7 +88,7 @@ STOP_RATE = "derived/validation/stop_rate"
 """share of the validation responses (T 0.01) that produced an EOS: `has_eos`, or fewer kept tokens than were
 sampled. Derived from the run's validation table because the stages' `eos_rate` cannot see an EOS that is also
 the pad token (Detail 3.2's ablation reads 0 there even when the model stops)"""
-VALIDATION_TABLES = {"sft": "eval_query_responses_validation.csv", "ppo": "query_responses_validation.csv",
+VALIDATION_TABLES = {"sft": "eval_query_responses_validation.csv", "ppo": "query_responses_validation.csv", "rloo": "query_responses_validation.csv",
                      "dpo": "query_responses_validation.csv"}
 
 
@@ -127,7 +133,7 @@ FINDINGS = (
 @dataclass
 class Args:
     details: tuple[str, ...] = ()
-    """registry keys to ablate (default: every detail with ablation arguments in the data/sft/reward/ppo/dpo stages)"""
+    """registry keys to ablate (default: every detail with ablation arguments in the --stages)"""
     seeds: tuple[int, ...] = (1, 2)
     """seeds of the baseline and the ablated runs (the data stage has no seed and runs once per variant)"""
     out_dir: str = "ablations/embedded"
@@ -145,7 +151,8 @@ class Args:
     reward_run: str | None = None
     """an existing reward-model run directory as the baseline RM of every seed (default: train one per seed)"""
     stages: tuple[PipelineStage, ...] = ("data", "sft", "reward", "ppo", "dpo")
-    """stages that may run: downstream stages outside this list are not re-run (e.g. `data sft` stops every chain at SFT)"""
+    """stages that may run: downstream stages outside this list are not re-run (e.g. `data sft` stops every chain at SFT;
+    add rloo for RLOO's details and RLOO re-runs beside PPO's)"""
     quick: bool = False
     """a couple of updates and a few evaluation samples per stage (QUICK_ARGS): smoke runs and tests, not results"""
     data_args: str = ""
@@ -156,6 +163,8 @@ class Args:
     """extra arguments for every reward-model run (after --quick's)"""
     ppo_args: str = ""
     """extra arguments for every PPO run, e.g. '--total_episodes 768 --batch_size 32' (after --quick's)"""
+    rloo_args: str = ""
+    """extra arguments for every RLOO run, e.g. '--rloo_k 4' or '--baseline grpo' (after --quick's)"""
     dpo_args: str = ""
     """extra arguments for every DPO run (after --quick's)"""
     launcher: str = ""
@@ -405,7 +414,8 @@ class Planner:
             raise UserInputError("--seeds is empty; give at least one seed (the table wants two or more)")
         if self.args.jobs < 1:
             raise UserInputError(f"--jobs {self.args.jobs} must be >= 1")
-        variants = [self.variant(d) for d in select_details(self.args.details)]
+        chosen = select_details(self.args.details)  # by default only the details of stages that may run
+        variants = [self.variant(d) for d in chosen if self.args.details or d.stage in self.args.stages]
         base_stages = self.baseline_stages(variants)
         for seed in self.args.seeds:
             chain: dict[str, Run] = {}

@@ -29,6 +29,11 @@ CNNDM_BATCHES = ("batch0_cnndm", "cnndm0", "cnndm2")
 PadChoice = Literal["[PAD]", "eos"]
 
 
+REQUEUE_EXIT_CODE = 124
+"""exit status of a run stopped by SIGTERM / SIGUSR1 after writing a checkpoint (checkpoint.py): requeue it and
+rerun with `--resume auto` (scripts/slurm requeue on it; `timeout` also exits 124)"""
+
+
 class UserInputError(ValueError):
     """An error the user caused (bad path, malformed row, sizes that do not divide, ...).
 
@@ -89,7 +94,7 @@ def failures_recorded() -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        if not (isinstance(error, SystemExit) and error.code in (0, None)):
+        if not (isinstance(error, SystemExit) and error.code in (0, None, REQUEUE_EXIT_CODE)):  # preempted: not failed
             record = {"error": type(error).__name__, "message": str(error), "argv": sys.argv,
                       "rank": int(os.environ.get("RANK", 0)), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "traceback": "".join(traceback.format_exception(error)).splitlines()[-40:]}
@@ -179,8 +184,17 @@ NUMBER_RANGES: dict[str, Range] = {
     "cliprange_value": _positive("the value clip"),
     "vf_coef": _at_least(0, "the value-loss coefficient"),
     "penalty_reward_value": Range("the score of a response without EOS"),
+    "save_every": _at_least(0, "updates between checkpoints (0: only on SIGTERM / SIGUSR1)"),
+    "keep_checkpoints": _at_least(1, "the newest checkpoints kept"),
     "eval_every": _at_least(0, "updates between validation scores (0: never)"),
     "save_samples_every": _at_least(0, "updates between sample tables (0: never)"),
+    # lora.py (every training stage)
+    "lora_r": _at_least(0, "the LoRA rank (0: full fine-tuning)"),
+    "lora_alpha": _positive("the LoRA scaling alpha"),
+    "lora_dropout": Range("the LoRA dropout", low=0, high=1, open_high=True),
+    # rloo
+    "rloo_k": _at_least(2, "the samples per prompt"),
+    "grpo_eps": _positive("GRPO's epsilon added to the group's standard deviation"),
     # tldr_dataset
     "num_proc": _at_least(1, "the tokenization processes"),
     "lengths": _at_least(1, "a token length"),
@@ -457,6 +471,13 @@ class RunArgs:
     """print one metrics line (and write TensorBoard) every this many updates"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """mixed precision on GPU (the paper trains in bf16); CPU runs stay fp32"""
+    resume: str = "none"
+    """continue a stopped run: `auto` (the newest complete checkpoint of `{output_dir}/{run_name}`; none there: start
+    fresh), a checkpoint folder, or `none`"""
+    save_every: int = 0
+    """write a checkpoint every this many updates (0: only when SIGTERM / SIGUSR1 asks for one)"""
+    keep_checkpoints: int = 2
+    """the newest checkpoints kept in `{run_dir}/checkpoints` (removed when the run finishes)"""
 
 
 @dataclasses.dataclass
@@ -571,7 +592,9 @@ def wandb_names(args: Any, run_dir: Path) -> tuple[str, str]:
 class RunLogger:
     """TensorBoard always (main process), Weights & Biases with --track; one printed line per call."""
 
-    def __init__(self, run_dir: Path, args: Any, is_main: bool):
+    def __init__(self, run_dir: Path, args: Any, is_main: bool, purge_step: int | None = None):
+        """`purge_step`: a resumed run continues its TensorBoard log there (events of that step and later, written
+        after the checkpoint, are dropped) and its wandb run (the id kept in `{run_dir}/wandb_run_id`)."""
         self.is_main = is_main
         self.writer = None
         self.wandb = None
@@ -579,7 +602,7 @@ class RunLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
         config = dataclasses.asdict(args)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
         if getattr(args, "track", False):
@@ -588,8 +611,12 @@ class RunLogger:
             except ImportError as error:
                 raise UserInputError("--track needs wandb: pip install -e '.[tracking]'") from error
             name, group = wandb_names(args, run_dir)
+            id_file = run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if purge_step is not None and id_file.is_file() else None
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name, group=group,
-                                    config=config, dir=str(run_dir), sync_tensorboard=False)
+                                    config=config, dir=str(run_dir), sync_tensorboard=False, id=run_id,
+                                    resume="allow" if run_id else None)
+            write_text(id_file, self.wandb.id)
 
     def log(self, metrics: dict[str, float], step: int, prefix: str = "") -> None:
         if not self.is_main:

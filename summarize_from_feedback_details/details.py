@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Stage = Literal["data", "sft", "reward", "ppo", "dpo", "judge", "visualize", "all"]
+Stage = Literal["data", "sft", "reward", "ppo", "rloo", "dpo", "judge", "visualize", "all"]
 STAGE_MODULES = {
-    "data": "tldr_dataset", "sft": "sft", "reward": "reward", "ppo": "ppo", "dpo": "dpo", "judge": "judge",
+    "data": "tldr_dataset", "sft": "sft", "reward": "reward", "ppo": "ppo", "rloo": "rloo", "dpo": "dpo", "judge": "judge",
     "visualize": "visualize_tokens",
 }
 
@@ -149,6 +149,18 @@ DETAILS: tuple[Detail, ...] = (
     Detail("ppo_validation_timing", "P-6", "The per-update validation batch is scored before the update's rollouts, by the policy that "
            "collects them, as in the released code (after the update by flag)", "ppo", "--eval_after_update", None,
            "tests/test_fidelity_dtype.py::test_ppo_from_float16_checkpoints_writes_fp32_and_scores_validation_before_the_update"),
+    # ---------------------------------------------------------------- RLOO / GRPO (rloo.py; sampling, EOS truncation and trick,
+    # temperature and fixed-length sampling are PPO's Details 23.1-23.3 and P-1, shared in rl.py)
+    Detail("rloo_groups", "R-1", "RLOO: k samples per prompt (default 2), the batch counts prompts x k; a prompt's k samples stay on one process", "rloo",
+           "--rloo_k", ("--rloo_k", "4"), "tests/test_rloo.py::test_groups_stay_on_one_process_under_two_processes"),
+    Detail("rloo_kl_in_reward", "R-2", "RLOO: sequence reward = RM score minus beta x the summed per-token KL (GRPO: the KL as a k3 loss term)", "rloo",
+           "--kl_in_reward", ("--kl_in_reward", "False"), "tests/test_rloo.py::test_sequence_reward_and_whitening_by_hand"),
+    Detail("rloo_baseline", "R-3", "RLOO: leave-one-out baseline, the mean of the other k - 1 rewards (GRPO: group mean and std)", "rloo",
+           "--baseline", ("--baseline", "grpo"), "tests/test_rloo.py::test_leave_one_out_baseline_by_hand"),
+    Detail("rloo_advantage_whitening", "R-4", "RLOO: sequence advantages whitened over the batch, off by default", "rloo",
+           "--whiten_advantages", ("--whiten_advantages",), "tests/test_rloo.py::test_sequence_reward_and_whitening_by_hand"),
+    Detail("rloo_loss", "R-5", "RLOO: clipped surrogate over the response tokens with the sequence advantage (plain REINFORCE by flag); ratio 1 "
+           "on the first minibatch", "rloo", "--loss", ("--loss", "reinforce"), "tests/test_rloo.py::test_policy_losses_by_hand"),
     # ---------------------------------------------------------------- DPO and judge
     Detail("dpo", "DPO", "DPO baseline: sigmoid loss beta 0.05 (IPO, label smoothing), response-only log-probs, frozen reference", "dpo",
            "--loss_type", ("--loss_type", "ipo"), "tests/test_ppo_math.py::test_dpo_loss_by_hand"),

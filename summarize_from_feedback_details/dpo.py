@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from summarize_from_feedback_details import lora
 from summarize_from_feedback_details.core import (
     TrainArgs,
     cli,
@@ -54,7 +55,7 @@ LABEL_COLUMNS = ["batch", "extra", "policies", "chosen_policy", "rejected_policy
 
 
 @dataclass
-class Args(TrainArgs):
+class Args(TrainArgs, lora.LoraArgs):
     exp_name: str = "dpo"
     """experiment name; the run is `{exp_name}__{seed}__{unix time}`"""
     sft_model_path: str = "models/sft_model"
@@ -118,6 +119,7 @@ def pair_logprobs(model: Any, rows: Any, pad: int, device: Any) -> tuple[torch.T
 def main(args: Args) -> dict[str, Any]:
     validate_numbers(args)  # every number, then every input path, before any work: a bad input leaves no run folder
     check_input_paths(args, datasets=["dataset"], causal_lms=["sft_model_path"], reward_models=["reward_model_path"])
+    lora.check_args(args)
     stage = Stage.start(args)
     # ---- data (checked before any model is loaded)
     train = load_processed_split(args.dataset, "preference", "train")
@@ -136,36 +138,41 @@ def main(args: Args) -> dict[str, Any]:
 
     # ---- models: policy and frozen reference from SFT, dropout off (Detail 7)
     policy = load_causal_lm(args.sft_model_path, tokenizer)  # Detail 7
+    policy = lora.prepare_trained(policy, args, args.sft_model_path)  # --lora_r, --gradient_checkpointing (lora.py)
     # The policy in fp32 (the loader's default), the frozen reference in FROZEN_DTYPE (fp32, as the released DPO's).
-    reference = load_causal_lm(args.sft_model_path, tokenizer, dtype=FROZEN_DTYPE).eval().requires_grad_(False)
+    # With LoRA no copy: the reference is the policy with its adapters switched off (`lora.reference`).
+    reference = None if args.lora_r else load_causal_lm(args.sft_model_path, tokenizer, dtype=FROZEN_DTYPE).eval().requires_grad_(False)
     reward_model = None
     if args.reward_model_path is not None:
         reward_model = disable_dropout(ScalarModel.from_pretrained(args.reward_model_path, dtype=FROZEN_DTYPE)).eval().requires_grad_(False)
     optimizer, scheduler = make_optimizer_and_scheduler(policy, args.lr, args.eps, args.scheduler, args.warm_up_steps, plan.num_updates)
     accelerator = stage.accelerator(plan)  # Detail 8
     policy, optimizer = accelerator.prepare(policy, optimizer)  # the scheduler stays unprepared (stepped once per update)
+    resumed = stage.restore(accelerator, scheduler)  # --resume: weights, optimizer, scheduler, RNG, metrics so far
     device = accelerator.device
-    reference.to(device)
+    if reference is not None:
+        reference.to(device)
     if reward_model is not None:
         reward_model.to(device)
     pad = tokenizer.pad_token_id
 
-    metrics: dict[str, Any] = {}
-    if args.eval_before_training:
+    metrics: dict[str, Any] = resumed["state"]["metrics"] if resumed else {}
+    if args.eval_before_training and not resumed:
         metrics.update(evaluate_generations(stage, policy, eval_data, tokenizer, args.eval_response_length, args, prefix="sft",
                                             temperature=args.temperature, reward_model=reward_model, gold=args.gold_eval,
                                             table_name="sft_query_responses"))
 
     # ---- train: one epoch of the DPO loss; G-2: each comparison once per epoch over all processes
     updates = training_schedule(len(train), plan, stage.rank, args.seed, args.per_rank_shuffle)
+    done = resumed["update"] if resumed else 0  # the data position: the schedule is a pure function of the seed
     policy.train()
-    start = time.time()
-    for update, micro_batches in enumerate(stage.progress(updates, "DPO updates"), start=1):
+    start = time.time() - (resumed["seconds"] if resumed else 0.0)
+    for update, micro_batches in enumerate(stage.progress(updates[done:], "DPO updates"), start=done + 1):
         stats = []
         for indices in micro_batches:
             rows = train.select(indices)
-            with torch.no_grad():
-                ref_chosen, ref_rejected = pair_logprobs(reference, rows, pad, device)
+            with torch.no_grad(), lora.reference(reference, accelerator.unwrap_model(policy)) as ref_model:
+                ref_chosen, ref_rejected = pair_logprobs(ref_model, rows, pad, device)
             with accelerator.accumulate(policy):
                 chosen, rejected = pair_logprobs(policy, rows, pad, device)  # Detail DPO: response tokens only
                 loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
@@ -182,6 +189,7 @@ def main(args: Args) -> dict[str, Any]:
             names = ["loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]
             stage.log({**{f"train/{k}": v for k, v in zip(names, values, strict=True)}, "train/lr": scheduler.get_last_lr()[0],
                        "train/episodes": update * plan.batch_size}, update)
+        stage.end_update(update, accelerator, scheduler, time.time() - start, {"metrics": metrics})  # --save_every, SIGTERM
     metrics["train/seconds"] = round(time.time() - start, 1)
     unwrapped = accelerator.unwrap_model(policy)
     unwrapped.eval()
@@ -189,7 +197,8 @@ def main(args: Args) -> dict[str, Any]:
     # ---- Detail 19: implicit reward beta * (log pi - log ref) of chosen vs rejected, per split / batch / confidence
     def implicit_rewards(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         chosen, rejected = pair_logprobs(unwrapped, batch, pad, device)
-        ref_chosen, ref_rejected = pair_logprobs(reference, batch, pad, device)
+        with lora.reference(reference, unwrapped) as ref_model:
+            ref_chosen, ref_rejected = pair_logprobs(ref_model, batch, pad, device)
         return args.beta * (chosen - ref_chosen), args.beta * (rejected - ref_rejected)  # Detail 19
 
     with torch.no_grad():

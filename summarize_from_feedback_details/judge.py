@@ -618,7 +618,7 @@ def _require(table: Any, columns: list[str], what: str) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise UserInputError(f"{what} lacks the column(s) {missing} (it has {list(table.columns)}); "
-                             "pass a query_responses table written by sft.py, ppo.py or dpo.py")
+                             "pass a query_responses table written by sft.py, ppo.py, rloo.py or dpo.py")
 
 
 def load_pairs(args: Args) -> Any:

@@ -396,18 +396,33 @@ class ScalarModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args: Any, dtype: torch.dtype = TRAINED_DTYPE, **kwargs: Any) -> ScalarModel:
         """transformers' `from_pretrained` in `dtype` (fp32 unless a frozen model asks for FROZEN_DTYPE), never the
-        dtype the checkpoint's config records."""
+        dtype the checkpoint's config records. A LoRA reward run's model/ (adapters, `lora.py`): its SFT backbone
+        with the adapters merged in, the trained head, the saved bias and normalisation (Detail 15)."""
+        from summarize_from_feedback_details import lora
+
+        if args and lora.is_adapter_folder(args[0]):
+            saved = cls.config_class.from_pretrained(args[0])
+            model = cls.from_backbone(lora.adapter_base(args[0]), dtype)
+            model.config.bias, model.config.normalization_stats = saved.bias, saved.normalization_stats
+            return lora.merge_adapters(model, args[0])
         return super().from_pretrained(*args, dtype=dtype, **kwargs)
 
     @classmethod
     def from_backbone(cls, name_or_path: str, dtype: torch.dtype = TRAINED_DTYPE) -> ScalarModel:
-        """Detail 10: a new reward model whose backbone is the (SFT) causal LM at `name_or_path`, in `dtype`."""
+        """Detail 10: a new reward model whose backbone is the (SFT) causal LM at `name_or_path`, in `dtype` (a LoRA
+        SFT run's adapters: merged into their base first, `lora.py`)."""
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging
+
+        from summarize_from_feedback_details import lora
 
         verbosity = logging.get_verbosity()
         logging.set_verbosity_error()  # the causal LM's output head is expectedly unused here
         try:
-            backbone = AutoModel.from_pretrained(name_or_path, dtype=dtype)
+            if lora.is_adapter_folder(name_or_path):
+                backbone = lora.load_merged(name_or_path, lambda base: AutoModelForCausalLM.from_pretrained(base, dtype=dtype)).base_model
+            else:
+                backbone = AutoModel.from_pretrained(name_or_path, dtype=dtype)
         finally:
             logging.set_verbosity(verbosity)
         config = ScalarModelConfig(base_config=backbone.config.to_dict(), base_model=name_or_path)

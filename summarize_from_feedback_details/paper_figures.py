@@ -46,13 +46,13 @@ from summarize_from_feedback_details.judge import read_table, win_rate
 
 FigureName = Literal[
     "all", "win_rate_vs_size", "win_rate_vs_length", "rouge_vs_size", "rm_accuracy", "rm_vs_dpo_accuracy",
-    "rm_calibration", "rm_judge_agreement", "length_controlled_win_rate", "ppo_training_curves", "dataset",
+    "rm_calibration", "rm_judge_agreement", "length_controlled_win_rate", "ppo_training_curves", "rloo_training_curves", "dataset",
 ]
 JudgeChoice = Literal["auto", "llm", "gold", "reward_model", "table"]
 JUDGE_ORDER = ("llm", "gold", "reward_model", "table")
 """`--judge auto` takes the first of these the sweep holds"""
-POLICY_LABELS = {"base": "base model", "sft": "SFT", "ppo": "PPO", "dpo": "DPO"}
-POLICY_COLORS = {"base": "tab:gray", "sft": "tab:blue", "ppo": "tab:orange", "dpo": "tab:green"}
+POLICY_LABELS = {"base": "base model", "sft": "SFT", "ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "dpo": "DPO"}
+POLICY_COLORS = {"base": "tab:gray", "sft": "tab:blue", "ppo": "tab:orange", "rloo": "crimson", "grpo": "darkviolet", "dpo": "tab:green"}
 EXTRA_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 SIZE_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 SEED_LINESTYLES = ("-", "--", ":", "-.")
@@ -240,7 +240,7 @@ def size_parameters(size_name: str, cell_dirs: Sequence[Path]) -> int:
     named in sft/args.json when that path exists here), else from a count in the name (`1b`, `2.8b`, `410m`)."""
     candidates: list[Path] = []
     for cell in cell_dirs:
-        candidates += [cell / stage / "model" for stage in ("sft", "ppo", "dpo")]
+        candidates += [cell / stage / "model" for stage in ("sft", "ppo", "rloo", "dpo")]
         args = _read_json(cell / "sft" / "args.json") or {}
         if args.get("base_model") and (base := local_path(args["base_model"])):
             candidates.append(base)
@@ -315,6 +315,9 @@ SUMMARY_METRICS = {
     "PPO RM score": ("ppo", "eval/validation/score"),
     "PPO final KL": ("ppo", "last/objective/kl"),
     "PPO tokens": ("ppo", "eval/validation/response_token_len"),
+    "RLOO RM score": ("rloo", "eval/validation/score"),
+    "RLOO final KL": ("rloo", "last/objective/kl"),
+    "RLOO tokens": ("rloo", "eval/validation/response_token_len"),
     "DPO tokens": ("dpo", "eval/validation/response_token_len"),
 }
 """the headline numbers of each cell (validation split): column -> (stage, metrics.json key)"""
@@ -372,6 +375,8 @@ def policy_of_table(table: str, split: str) -> tuple[str, int] | None:
 
 
 def policy_label(policy: str, cell_or_args: dict[str, Any] | None = None) -> str:
+    if (cell_or_args or {}).get("baseline") == "grpo":  # rloo.py --baseline grpo
+        return "GRPO"
     if policy in POLICY_LABELS:
         return POLICY_LABELS[policy]
     if (cell_or_args or {}).get("whiten_rewards") is True and policy.startswith("ppo"):
@@ -387,7 +392,7 @@ def policy_color(policy: str, policies: Sequence[str]) -> str:
 
 
 def policy_order(policies: Iterable[str]) -> list[str]:
-    known = ["base", "sft", "ppo", "dpo"]
+    known = ["base", "sft", "ppo", "rloo", "grpo", "dpo"]
     policies = set(policies)
     return [p for p in known if p in policies] + sorted(p for p in policies if p not in known)
 
@@ -1126,7 +1131,7 @@ def ppo_training_curves(sweep: Sweep | str | Path, out_dir: str | Path, stage: s
                 rows.append({"size": cell.size.name, "params": cell.size.params, "seed": cell.seed, "tag": tag,
                              "step": step, "episode": episode, "value": value})
     if not rows:
-        raise UserInputError(f"no {stage}/tensorboard in the cells of {sweep.root}; run the PPO stage of the sweep")
+        raise UserInputError(f"no {stage}/tensorboard in the cells of {sweep.root}; run the {stage} stage of the sweep")
     data = pd.DataFrame(rows)
     tags = [(tag, title) for tag, title in PPO_CURVES if tag in set(data["tag"])]
     ncols = 2 if len(tags) > 1 else 1
@@ -1149,8 +1154,8 @@ def ppo_training_curves(sweep: Sweep | str | Path, out_dir: str | Path, stage: s
     for ax in list(axes.flat)[len(tags):]:
         ax.set_visible(False)
     axes[0, 0].legend(fontsize=7, loc="best")
-    fig.suptitle("PPO training curves (colour: size; line style: seed)", fontsize=10)
-    return FigureResult("ppo_training_curves", save_figure(fig, out_dir, "ppo_training_curves", dpi), data)
+    fig.suptitle(f"{POLICY_LABELS.get(stage, stage)} training curves (colour: size; line style: seed)", fontsize=10)
+    return FigureResult(f"{stage}_training_curves", save_figure(fig, out_dir, f"{stage}_training_curves", dpi), data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1203,6 +1208,7 @@ FIGURES: dict[str, Callable[[Sweep, Path, Args], FigureResult]] = {
     "length_controlled_win_rate": lambda s, o, a: length_controlled_win_rate(
         s, o, a.judge, a.split, a.judge_model, a.judge_protocol, a.length_bin_edges, a.min_bin_count, a.dpi),
     "ppo_training_curves": lambda s, o, a: ppo_training_curves(s, o, dpi=a.dpi),
+    "rloo_training_curves": lambda s, o, a: ppo_training_curves(s, o, stage="rloo", dpi=a.dpi),
     "dataset": lambda s, o, a: dataset(Path(a.dataset_dir) if a.dataset_dir else dataset_dir_of(s), o),
 }
 
@@ -1218,6 +1224,8 @@ def main(args: Args) -> dict[str, FigureResult]:
     if args.sweep_dir is None and args.dataset_dir is None:
         raise UserInputError("--figure dataset needs --dataset_dir (or --sweep_dir to find it)")
     sweep = load_sweep(args.sweep_dir) if args.sweep_dir is not None else None
+    if "all" in args.figure and not (sweep and any((cell.stage("rloo") / "tensorboard").is_dir() for cell in sweep.cells)):
+        names.remove("rloo_training_curves")  # RLOO is an optional stage of a sweep: `all` draws its curves when it ran
     if args.out_dir is not None:
         out = Path(args.out_dir)
     else:

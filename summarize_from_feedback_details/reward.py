@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from summarize_from_feedback_details import lora
 from summarize_from_feedback_details.core import (
     BatchPlan,
     Range,
@@ -51,7 +52,7 @@ PAIR_COLUMNS = ["query_chosen_token", "query_rejected_token", "query_token", "ch
 
 
 @dataclass
-class Args(TrainArgs):
+class Args(TrainArgs, lora.LoraArgs):
     exp_name: str = "reward"
     """experiment name; the run is `{exp_name}__{seed}__{unix time}`"""
     sft_model_path: str = "models/sft_model"
@@ -128,6 +129,7 @@ def main(args: Args) -> dict[str, Any]:
     # every input path before any work: a bad input leaves no run folder
     check_input_paths(args, datasets=["dataset", "sft_dataset"], causal_lms=[] if eval_only else ["sft_model_path"],
                       reward_models=["reward_model_path"])
+    lora.check_args(args)
     stage = Stage.start(args)
     model_path = args.reward_model_path if eval_only else args.sft_model_path
     # ---- data (checked before any model is loaded)
@@ -155,18 +157,22 @@ def main(args: Args) -> dict[str, Any]:
     # fp32 master weights (TRAINED_DTYPE, the loaders' default) whatever dtype the checkpoint records.
     model = disable_dropout(ScalarModel.from_pretrained(model_path) if eval_only else ScalarModel.from_backbone(model_path))
     check_vocabulary(model.config.backbone_config, tokenizer, model_path)
+    if not eval_only:  # --lora_r: adapters on the backbone, the head trains fully; --gradient_checkpointing (lora.py)
+        model = lora.prepare_trained(model, args, model_path)
     optimizer, scheduler = make_optimizer_and_scheduler(model, args.lr, args.eps, args.scheduler, args.warm_up_steps, plan.num_updates)
     accelerator = stage.accelerator(plan)
     # The scheduler stays unprepared: accelerate would step it once per process per update.
     model, optimizer = accelerator.prepare(model, optimizer)
+    resumed = stage.restore(accelerator, scheduler)  # --resume: weights, optimizer, scheduler, RNG states
     pad = tokenizer.pad_token_id
 
     # ---- train: G-2, each comparison once per epoch across all processes (one sharded permutation)
     # Detail G-2: one sharded permutation per epoch (--per_rank_shuffle: the authors' per-rank permutations).
     updates = [] if eval_only else training_schedule(len(train), plan, stage.rank, args.seed, args.per_rank_shuffle)
+    done = resumed["update"] if resumed else 0  # the data position: the schedule is a pure function of the seed
     model.train()
-    start = time.time()
-    for update, micro_batches in enumerate(stage.progress(updates, "RM updates"), start=1):
+    start = time.time() - (resumed["seconds"] if resumed else 0.0)
+    for update, micro_batches in enumerate(stage.progress(updates[done:], "RM updates"), start=done + 1):
         stats = []
         for indices in micro_batches:
             rows = train.select(indices)
@@ -183,6 +189,7 @@ def main(args: Args) -> dict[str, Any]:
             loss, accuracy, margin = accelerator.gather(torch.stack(stats).mean(0)[None]).mean(0).tolist()
             stage.log({"train/loss": loss, "train/accuracy": accuracy, "train/margin": margin, "train/lr": scheduler.get_last_lr()[0],
                        "train/episodes": update * plan.batch_size}, update)
+        stage.end_update(update, accelerator, scheduler, time.time() - start, {})  # --save_every, SIGTERM / SIGUSR1
     metrics: dict[str, Any] = {"train/seconds": round(time.time() - start, 1)}
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from summarize_from_feedback_details import lora
 from summarize_from_feedback_details.core import (
     TrainArgs,
     cli,
@@ -39,7 +40,7 @@ from summarize_from_feedback_details.training import (
 
 
 @dataclass
-class Args(TrainArgs):
+class Args(TrainArgs, lora.LoraArgs):
     exp_name: str = "sft"
     """experiment name; the run is `{exp_name}__{seed}__{unix time}`"""
     base_model: str = "EleutherAI/pythia-1b-deduped"
@@ -83,6 +84,7 @@ def main(args: Args) -> dict[str, Any]:
 
     validate_numbers(args)  # every number, then every input path, before any work: a bad input leaves no run folder
     check_input_paths(args, datasets=["dataset"], causal_lms=["base_model"])
+    lora.check_args(args)
     stage = Stage.start(args)
     # ---- data (checked before any model is loaded)
     train = load_processed_split(args.dataset, "sft", "train")
@@ -101,14 +103,16 @@ def main(args: Args) -> dict[str, Any]:
 
     # ---- model: the policy starts from the base model, dropout off (Detail 7)
     model = load_causal_lm(args.base_model, tokenizer)  # Detail 7: dropout off; fp32 master weights (TRAINED_DTYPE)
+    model = lora.prepare_trained(model, args, args.base_model)  # --lora_r, --gradient_checkpointing (lora.py)
     # Detail G-1: AdamW, one learning rate, eps 1e-5; Detail 9: cosine schedule without warm-up.
     optimizer, scheduler = make_optimizer_and_scheduler(model, args.lr, args.eps, args.scheduler, args.warm_up_steps, plan.num_updates)
     accelerator = stage.accelerator(plan)  # Detail 8: accelerate data parallelism, DeepSpeed ZeRO-2 with --deepspeed
     # The scheduler stays unprepared: accelerate would step it once per process per update.
     model, optimizer = accelerator.prepare(model, optimizer)
+    resumed = stage.restore(accelerator, scheduler)  # --resume: weights, optimizer, scheduler, RNG, metrics so far
 
-    metrics: dict[str, float] = {}
-    if args.eval_before_training:
+    metrics: dict[str, float] = resumed["state"]["metrics"] if resumed else {}
+    if args.eval_before_training and not resumed:
         metrics.update(evaluate_generations(stage, model, eval_data, tokenizer, response_length, args, prefix="base", temperature=args.temperature,
                                              loss_fn=sft_loss, gold=args.gold_eval, loss_labels=label_column))
 
@@ -116,9 +120,10 @@ def main(args: Args) -> dict[str, Any]:
     pad = tokenizer.pad_token_id
     # Detail G-2: one permutation per epoch, sharded over the processes.
     updates = training_schedule(len(train), plan, stage.rank, args.seed)
+    done = resumed["update"] if resumed else 0  # the data position: the schedule is a pure function of the seed
     model.train()
-    start = time.time()
-    for update, micro_batches in enumerate(stage.progress(updates, "SFT updates"), start=1):
+    start = time.time() - (resumed["seconds"] if resumed else 0.0)
+    for update, micro_batches in enumerate(stage.progress(updates[done:], "SFT updates"), start=done + 1):
         losses = []
         for indices in micro_batches:
             rows = train.select(indices)
@@ -136,6 +141,7 @@ def main(args: Args) -> dict[str, Any]:
             loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
             stage.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
                        "train/episodes": update * plan.batch_size, "train/episodes_per_second": update * plan.batch_size / (time.time() - start)}, update)
+        stage.end_update(update, accelerator, scheduler, time.time() - start, {"metrics": metrics})  # --save_every, SIGTERM
     metrics["train/seconds"] = round(time.time() - start, 1)
 
     # ---- evaluate: Detail 9, 53 tokens at T 0.01, truncated after the first EOS, ROUGE + validation loss

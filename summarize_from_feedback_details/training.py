@@ -9,7 +9,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from summarize_from_feedback_details import checkpoint, lora
 from summarize_from_feedback_details.core import (
+    REQUEUE_EXIT_CODE,
     BatchPlan,
     RunArgs,
     RunLogger,
@@ -118,6 +120,9 @@ class Stage:
     state: Any
     logger: RunLogger | None = None
     _accelerator: Any = None
+    resume_from: Path | None = None
+    """the checkpoint this run continues (`--resume`), chosen by `open_run`"""
+    preemption: checkpoint.PreemptionFlag = dataclasses.field(default_factory=checkpoint.PreemptionFlag)
 
     @classmethod
     def start(cls, args: RunArgs) -> Stage:
@@ -138,14 +143,74 @@ class Stage:
         run_dir = Path(args.output_dir) / run_name
         return cls(args, run_name, run_dir, state.process_index, state.num_processes, state.is_main_process, state)
 
+    def run_args(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.args), "run_name": self.run_name, "world_size": self.world_size}
+
     def open_run(self) -> None:
-        """Create the run directory with the resolved args, and the logger (after the inputs were checked)."""
+        """Choose the checkpoint to resume (`--resume`; refused when made with other arguments), create the run
+        directory with the resolved args, and the logger (after the inputs were checked)."""
+        choice: list[Any] = [None, None]
+        if self.is_main:
+            try:
+                choice[0] = checkpoint.choose(self.run_dir, self.args.resume, self.run_args())
+            except UserInputError as error:
+                choice[1] = str(error)
+        if self.world_size > 1:  # every process continues the checkpoint the main process chose
+            from accelerate.utils import broadcast_object_list
+
+            choice = broadcast_object_list(choice)
+        if choice[1] is not None:
+            raise UserInputError(choice[1])
+        self.resume_from = choice[0]
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         run_opened(self.run_dir, self.is_main)  # from here on a failure writes FAILED.json into the folder
         if self.is_main:
-            write_json(self.run_dir / "args.json", {**dataclasses.asdict(self.args), "run_name": self.run_name, "world_size": self.world_size})
-        self.logger = RunLogger(self.run_dir, self.args, self.is_main)
+            write_json(self.run_dir / "args.json", self.run_args())
+        purge_step = None if self.resume_from is None else checkpoint.update_of(self.resume_from) + 1
+        self.logger = RunLogger(self.run_dir, self.args, self.is_main, purge_step=purge_step)
+        self.preemption.install()
+
+    def restore(self, accelerator: Any, scheduler: Any) -> dict[str, Any] | None:
+        """After `accelerator.prepare`: load the chosen checkpoint (models, optimizer, RNG states, scheduler) and
+        return this process's trainer state (`update`, `seconds`, the stage's own `state`); None on a fresh run.
+        Nothing that draws random numbers may run between this and the training loop on a resumed run."""
+        if self.resume_from is None:
+            return None
+        trainer = checkpoint.load(accelerator, self.resume_from, self.rank)
+        scheduler.load_state_dict(trainer["scheduler"])
+        self.print(f"resume: continuing after update {trainer['update']} ({trainer['seconds']:.1f} s of training so far)")
+        return trainer
+
+    def end_update(self, update: int, accelerator: Any, scheduler: Any, seconds: float, state: dict[str, Any]) -> None:
+        """At an update boundary: a checkpoint every --save_every updates, or when SIGTERM / SIGUSR1 arrived (on
+        any process), then exit with REQUEUE_EXIT_CODE. `state`: what the stage needs to continue (metrics so far,
+        shufflers, controllers); the models, optimizer and RNG states come from the accelerator."""
+        import torch
+
+        stop = self.preemption.signal is not None
+        if self.world_size > 1:  # every process must checkpoint and stop at the same update
+            flag = torch.tensor([float(stop)], device=accelerator.device)
+            stop = bool(accelerator.reduce(flag, reduction="sum").item())
+        if not stop and not (self.args.save_every and update % self.args.save_every == 0):
+            return
+        trainer = {"update": update, "seconds": seconds, "scheduler": scheduler.state_dict(), "state": state}
+        path = checkpoint.save(accelerator, self.run_dir, update, self.run_args(), trainer, self.args.keep_checkpoints,
+                               self.is_main, self.rank)
+        if stop:
+            self.print(f"resume: checkpoint {path} written; exiting with {REQUEUE_EXIT_CODE} (rerun with --resume auto)")
+            self.logger.close()
+            accelerator.end_training()
+            self.close_processes()
+            raise SystemExit(REQUEUE_EXIT_CODE)
+
+    def close_processes(self) -> None:
+        """End the process group (else ~40% of runs crash at exit)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def accelerator(self, plan: BatchPlan) -> Any:
         """The accelerator for `plan`: gradient accumulation, DeepSpeed ZeRO-2 (Detail 8) when asked."""
@@ -199,6 +264,7 @@ class Stage:
 
     def save_model(self, accelerator: Any, model: Any, tokenizer: Any, name: str = "model", submodule: str | None = None) -> Path:
         """`save_pretrained` (+ tokenizer) into `{run_dir}/{name}`, atomically: a crash leaves no partial checkpoint.
+        A LoRA model saves its adapters there, and with --merge_lora the merged model into `{run_dir}/{name}_merged`.
         `submodule` saves one attribute of a wrapper (PPO saves the policy of its policy-and-critic module)."""
         accelerator.wait_for_everyone()
         state_dict = accelerator.get_state_dict(model)
@@ -210,25 +276,29 @@ class Stage:
                 prefix = f"{submodule}."
                 state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             with atomic_directory(path) as tmp:
-                target.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+                if lora.has_adapters(target):  # --lora_r: the adapters (+ a scalar head), `lora.py`
+                    lora.save(target, tmp)
+                else:
+                    target.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
                 tokenizer.save_pretrained(str(tmp))
+            if lora.has_adapters(target) and getattr(self.args, "merge_lora", False):  # also {name}_merged: plain weights
+                with atomic_directory(path.with_name(f"{name}_merged")) as tmp:
+                    lora.save_merged(target, tmp)
+                    tokenizer.save_pretrained(str(tmp))
         accelerator.wait_for_everyone()
         return path
 
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Write metrics.json, close the logger, end the process group (else ~40% of runs crash at exit)."""
-        import torch.distributed as dist
-
+        """Write metrics.json, remove the run's checkpoints, close the logger, end the process group."""
         summary = {"run_dir": str(self.run_dir), "run_name": self.run_name, "world_size": self.world_size, **metrics}
         if self.is_main:
             write_json(self.run_dir / "metrics.json", summary)
+            checkpoint.remove_all(self.run_dir)  # the run is finished: its model is saved
         if self.logger is not None:
             self.logger.close()
         if self._accelerator is not None:
             self._accelerator.end_training()
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        self.close_processes()
         return summary
 
 
@@ -288,8 +358,10 @@ def require_columns(dataset: Any, columns: list[str], what: str) -> None:
 
 
 def check_model_path(path: str, what: str) -> None:
-    if looks_like_local_path(path) and not (Path(path) / "config.json").exists():
-        raise UserInputError(f"{what} {path!r} is not a saved model (no config.json there); check the path or run the stage that makes it")
+    """A local model is a saved model (config.json) or a LoRA run's adapters (adapter_config.json, `lora.py`)."""
+    if looks_like_local_path(path) and not (Path(path) / "config.json").exists() and not lora.is_adapter_folder(path):
+        raise UserInputError(f"{what} {path!r} is not a saved model (no config.json there); check the path or run the stage "
+                             "that makes it (a LoRA run's model/ holds adapter_config.json instead)")
 
 
 DATASET_EXPECTED = ("a directory written by tldr_dataset (run `python -m summarize_from_feedback_details.tldr_dataset embedded` "
@@ -321,7 +393,10 @@ def check_checkpoint_kind(path: str, flag: str, kind: str) -> None:
     import json
 
     check_model_path(path, flag)
-    config = json.loads((Path(path) / "config.json").read_text())
+    if not (Path(path) / "config.json").exists():  # a LoRA causal LM's adapters (a reward model's keep their config.json)
+        config = {"model_type": f"LoRA adapters on {lora.adapter_base(path)}", "architectures": ["CausalLM adapters"]}
+    else:
+        config = json.loads((Path(path) / "config.json").read_text())
     model_type, architectures = config.get("model_type"), ", ".join(config.get("architectures") or []) or "no architectures"
     if kind == "reward_model" and model_type != SCALAR_MODEL_TYPE:
         causal = " a causal LM checkpoint (e.g. from sft.py):" if "CausalLM" in architectures or "LMHead" in architectures else ""
@@ -338,6 +413,10 @@ def load_causal_lm(path: str, tokenizer: Any, dtype: Any = TRAINED_DTYPE) -> Any
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_model_path(path, "model")
+    if lora.is_adapter_folder(path):  # a LoRA run's model/: its base (itself possibly adapters) with the adapters merged in
+        model = lora.load_merged(path, lambda base: load_causal_lm(base, tokenizer, dtype))
+        check_vocabulary(model.config, tokenizer, path)
+        return disable_dropout(model)
     config = dropout_free_config(AutoConfig.from_pretrained(path))
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     check_vocabulary(model.config, tokenizer, path)
@@ -360,7 +439,8 @@ def make_optimizer_and_scheduler(model: Any, lr: float, eps: float, scheduler: s
     import torch
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps, fused=True)
+    # Only the parameters that train (all of them but with LoRA, `lora.py`): frozen ones need no optimizer state.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps, fused=True)
     return optimizer, get_scheduler(scheduler, optimizer, num_warmup_steps=warm_up_steps, num_training_steps=num_updates)
 
 

@@ -223,9 +223,11 @@ def read_table_row(
 
 
 def policy_model_path(run: str) -> str:
-    """A run directory's `model/`, or `run` itself (a model directory or hub id)."""
+    """A run directory's `model/` (a saved model or a LoRA run's adapters), or `run` itself (a model directory or hub id)."""
+    from summarize_from_feedback_details.lora import is_adapter_folder
+
     model = Path(run) / "model"
-    return str(model) if (model / "config.json").exists() else run
+    return str(model) if (model / "config.json").exists() or is_adapter_folder(model) else run
 
 
 @dataclass

@@ -24,7 +24,7 @@ import pytest
 from conftest import REPO, subprocess_env
 
 PACKAGE = "summarize_from_feedback_details"
-STAGES = ("tldr_dataset", "sft", "reward", "ppo", "dpo")
+STAGES = ("tldr_dataset", "sft", "reward", "ppo", "rloo", "dpo")
 SECONDS = 5.0
 """the most a case may take once the stage modules are imported"""
 pytestmark = pytest.mark.xdist_group("bad_inputs")  # one worker runs the harness once for every case

@@ -17,7 +17,7 @@ SPEC_NUMBERS = {
 }
 
 
-SHARED_MODULES = ("core", "modeling", "training")
+SHARED_MODULES = ("core", "modeling", "training", "rl")
 TRAINING_STAGES = ["sft", "reward", "ppo", "dpo"]  # the stages a detail of stage "all" concerns (those that exist)
 
 

@@ -118,8 +118,11 @@ def models_at_optimizer(monkeypatch, module, args) -> tuple[list, object]:
             return loaded[-1]
         return wrapped
 
-    if hasattr(module, "load_causal_lm"):
-        monkeypatch.setattr(module, "load_causal_lm", spy(module.load_causal_lm))
+    from summarize_from_feedback_details import rl
+
+    for loader in (module, rl):  # PPO and RLOO load their frozen reference in the shared rl.py
+        if hasattr(loader, "load_causal_lm"):
+            monkeypatch.setattr(loader, "load_causal_lm", spy(loader.load_causal_lm))
     monkeypatch.setattr(ScalarModel, "from_pretrained", spy(ScalarModel.from_pretrained))
     monkeypatch.setattr(ScalarModel, "from_backbone", spy(ScalarModel.from_backbone))
 

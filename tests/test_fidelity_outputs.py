@@ -124,7 +124,8 @@ def test_validation_sample_on_a_forked_random_state_leaves_training_unchanged():
     """A samples table on an update without evaluation samples on a forked random state: the global stream is
     where it was; without the fork the same call moves it."""
     from summarize_from_feedback_details.modeling import ScalarModel, ScalarModelConfig
-    from summarize_from_feedback_details.ppo import Args, sample_validation_batch
+    from summarize_from_feedback_details.ppo import Args
+    from summarize_from_feedback_details.rl import sample_validation_batch
 
     torch.manual_seed(0)
     policy = GPTNeoXForCausalLM(tiny_neox()).eval()

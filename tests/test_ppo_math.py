@@ -21,21 +21,23 @@ from summarize_from_feedback_details.modeling import (
     sequence_logprobs,
 )
 from summarize_from_feedback_details.ppo import (
-    INVALID_LOGPROB,
     AdaptiveKLController,
     Args,
     PolicyAndValue,
     generalized_advantage_estimation,
-    penalize_missing_eos,
     per_token_rewards,
-    plan_ppo,
-    policy_statistics,
     ppo_losses,
-    prompt_batches,
-    response_masks,
     update_statistics,
     whiten_advantages,
     whiten_rewards,
+)
+from summarize_from_feedback_details.rl import (
+    INVALID_LOGPROB,
+    penalize_missing_eos,
+    plan_ppo,
+    policy_statistics,
+    prompt_batches,
+    response_masks,
 )
 
 EOS, PAD = 0, 9

@@ -42,7 +42,8 @@ def test_every_cli_field_has_a_docstring():
     """tyro shows a field's docstring as its `--help` text: every stage argument must have one."""
     import ast
 
-    classes = {"tldr_dataset.py": ("Args", "Lengths"), "sft.py": ("Args",), "reward.py": ("Args",), "ppo.py": ("Args",), "dpo.py": ("Args",), "judge.py": ("Args",), "visualize_tokens.py": ("Args",), "paper_figures.py": ("Args",), "ablate.py": ("Args",),
+    classes = {"tldr_dataset.py": ("Args", "Lengths"), "sft.py": ("Args",), "reward.py": ("Args",), "ppo.py": ("Args",), "rloo.py": ("Args",), "rl.py": ("RLArgs",), "dpo.py": ("Args",), "judge.py": ("Args",), "visualize_tokens.py": ("Args",), "paper_figures.py": ("Args",), "ablate.py": ("Args",),
+               "label_server.py": ("Args",),
                "core.py": ("RunArgs", "TrainArgs"), "embedded.py": ("BuildArgs", "BuildConfig")}
     for filename, names in classes.items():
         tree = ast.parse((REPO / "summarize_from_feedback_details" / filename).read_text())
@@ -61,7 +62,7 @@ def test_every_cli_field_has_a_docstring():
 HELP_SCRIPT = """
 import contextlib, io, json, runpy, sys
 out = {}
-for module in ("sft", "reward", "ppo", "dpo"):
+for module in ("sft", "reward", "ppo", "rloo", "dpo"):
     for preset in ("pythia", "embedded"):
         sys.argv, text = [module, preset, "--help"], io.StringIO()
         with contextlib.redirect_stdout(text):
@@ -82,6 +83,6 @@ def test_stage_help_parses():
     result = subprocess.run([sys.executable, "-c", HELP_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     helps = json.loads(result.stdout.splitlines()[-1])
-    assert len(helps) == 8
+    assert len(helps) == 10
     for name, (code, text) in helps.items():
         assert code == 0 and "--batch_size" in text and "--seed" in text, (name, code, text[-500:])

@@ -219,9 +219,9 @@ def test_pythia_sweep_commands_are_accepted_by_the_stage_clis(monkeypatch):
     from accelerate.commands.config.config_args import load_config_from_file
 
     from summarize_from_feedback_details.core import plan_batches
-    from summarize_from_feedback_details.ppo import plan_ppo
+    from summarize_from_feedback_details.rl import plan_ppo
 
-    lines = commands(bash(SWEEP, "--dry_run", "--seeds", "44413", "--stages", "sft reward ppo dpo judge figures").stdout)
+    lines = commands(bash(SWEEP, "--dry_run", "--seeds", "44413", "--stages", "sft reward ppo rloo dpo judge figures").stdout)
     seen = set()
     for argv in lines:
         launch, module, stage_argv = split_launch(argv)
@@ -246,14 +246,14 @@ def test_pythia_sweep_commands_are_accepted_by_the_stage_clis(monkeypatch):
             assert got == PPO_PER_SIZE[size] and plan.num_updates == PAPER_PPO_UPDATES and args.batch_size == 512
             assert args.frozen_models_config == ("configs/accelerate/deepspeed_zero3_offload.yaml" if size == "6.9b" else None)
         seen.add((size, name))
-    assert seen == {(size, stage) for size in PPO_PER_SIZE for stage in STAGES}
+    assert seen == {(size, stage) for size in PPO_PER_SIZE for stage in (*STAGES, "rloo")}  # RLOO: PPO's per-size settings
 
 
 def test_reduced_and_resized_commands_are_accepted(monkeypatch):
     """--reduced makes every Pythia stage one update of its paper batch; --num_processes reaches accelerate and
     the PPO accumulation follows (batch 512 kept); the embedded sweep's commands parse with the embedded presets."""
     from summarize_from_feedback_details.core import plan_batches
-    from summarize_from_feedback_details.ppo import plan_ppo
+    from summarize_from_feedback_details.rl import plan_ppo
 
     for argv in commands(bash(SWEEP, "--dry_run", "--seeds", "1", "--reduced", "--num_processes", "4").stdout):
         launch, module, stage_argv = split_launch(argv)
@@ -376,7 +376,7 @@ def test_slurm_files_parse():
 
     processes = load_config_from_file(str(CONFIGS / "deepspeed_zero2_bf16.yaml")).num_processes
     files = sorted(SLURM.iterdir())
-    assert {p.name for p in files} == {"submit.sh", "array_task.sh", *(f"{s}.sbatch" for s in (*STAGES, "judge", "figures"))}
+    assert {p.name for p in files} == {"submit.sh", "array_task.sh", *(f"{s}.sbatch" for s in (*STAGES, "rloo", "judge", "figures"))}
     for path in [SWEEP, *files]:
         subprocess.run(["bash", "-n", str(path)], check=True)
     for path in SLURM.glob("*.sbatch"):
@@ -386,7 +386,7 @@ def test_slurm_files_parse():
         assert directives and all(lines.index(d) < first_command for d in directives), path.name
         assert f"#SBATCH --job-name=sffd-{path.stem}" in directives
         gpus = [d for d in directives if d.startswith("#SBATCH --gpus-per-task=")]
-        if path.stem in STAGES:
+        if path.stem in (*STAGES, "rloo"):
             assert gpus == [f"#SBATCH --gpus-per-task={processes}"], path.name
         else:
             assert gpus == [], path.name
@@ -424,6 +424,10 @@ def test_slurm_submit_chains_the_steps():
     per_task = _sbatch_lines("--sizes", "1b", "--seeds", "1 2 3", "--dependency", "aftercorr", "--stages", "ppo judge figures")
     assert [(Path(line[-1]).stem, _option(line, "--array"), _option(line, "--dependency")) for line in per_task] == [
         ("ppo", "0-2", None), ("judge", "0-2", "aftercorr:1001"), ("figures", None, "afterok:1002")]
+    with_rloo = _sbatch_lines("--sizes", "1b", "--seeds", "1", "--stages", "reward ppo rloo dpo judge")  # RLOO beside PPO
+    assert [(Path(line[-1]).stem, _option(line, "--dependency")) for line in with_rloo] == [
+        ("reward", None), ("ppo", "afterok:1001"), ("rloo", "afterok:1001"), ("dpo", "afterok:1001"),
+        ("judge", "afterok:1002:1003:1004")]
     bad = bash(SLURM / "submit.sh", "--dry_run", "--sizes", "1b 13b", check=False)
     assert bad.returncode == 2 and "unknown size '13b'" in bad.stderr
 
@@ -434,7 +438,7 @@ def test_slurm_array_tasks_run_the_cells_commands():
     sweep_args = "--sizes 1b,2.8b --seeds 1,2 --dry_run"
     cells = [("1b", "1"), ("1b", "2"), ("2.8b", "1"), ("2.8b", "2")]
     assert bash(SWEEP, *sweep_args.split()[:-1], "--list_cells").stdout.split("\n")[:4] == [" ".join(c) for c in cells]
-    for stage in (*STAGES, "judge"):
+    for stage in (*STAGES, "rloo", "judge"):
         for task, (size, seed) in enumerate(cells):
             got = bash(SLURM / f"{stage}.sbatch", env={"SLURM_ARRAY_TASK_ID": str(task), "SWEEP_ARGS": sweep_args})
             local = bash(SWEEP, "--sizes", size, "--seeds", seed, "--stages", stage, "--dry_run")

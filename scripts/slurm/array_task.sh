@@ -15,4 +15,21 @@ if [[ -z $cell ]]; then
 fi
 read -r size seed <<<"$cell"
 echo "array task $task: size $size, seed $seed, stage $stage" >&2
-exec bash scripts/sweep.sh ${sweep_args[@]+"${sweep_args[@]}"} --sizes "$size" --seeds "$seed" --stages "$stage"
+# Preemption: the sbatch files ask for --signal=B:USR1@<seconds> (this shell) and --requeue. The signal goes on to
+# sweep.sh, which has the running stage checkpoint at its next update boundary and exits 124 (core.REQUEUE_EXIT_CODE);
+# the task then requeues itself, and the requeued task's sweep.sh skips finished stages and resumes the stopped one.
+bash scripts/sweep.sh ${sweep_args[@]+"${sweep_args[@]}"} --sizes "$size" --seeds "$seed" --stages "$stage" &
+sweep_pid=$!
+trap 'echo "array_task.sh: preemption signal, forwarded to sweep.sh" >&2; kill -USR1 "$sweep_pid" 2>/dev/null || true' USR1 TERM
+status=0
+wait "$sweep_pid" || status=$?
+while ((status > 128)) && kill -0 "$sweep_pid" 2>/dev/null; do  # the trap interrupted the wait
+  status=0
+  wait "$sweep_pid" || status=$?
+done
+if ((status == 124)) && [[ -n ${SLURM_JOB_ID:-} ]]; then
+  job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+  echo "array_task.sh: $stage stopped after a checkpoint; requeueing ${job:-$SLURM_JOB_ID}" >&2
+  scontrol requeue "${job:-$SLURM_JOB_ID}"
+fi
+exit "$status"
