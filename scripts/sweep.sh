@@ -51,6 +51,11 @@ usage: scripts/sweep.sh [options]
   --resume MODE            the training stages' --resume: auto (default: continue a stage stopped mid-run from its
                            newest checkpoint) or none (start it again)
   --save_every N           the training stages write a checkpoint every N updates (default: only when signalled)
+  --lora_r R               fewer GPUs: every trained stage (sft reward ppo rloo dpo) trains LoRA adapters of rank R
+                           (default: full fine-tuning, the paper's); see README "Fewer GPUs"
+  --lora_lr LR             with --lora_r: the learning rate of every trained stage (LoRA wants a larger one than the
+                           presets' full fine-tuning rates; default: the presets')
+  --gradient_checkpointing every trained model recomputes its activations in the backward (less memory, slower)
   --list_cells             print the cells ("size seed", one per line) and exit (slurm array tasks use it)
   --dry_run                print the commands (one per line, shell-quoted) and run nothing
   -h, --help               this help
@@ -64,11 +69,12 @@ die() {
 
 sizes="" seeds="44413 55513 66613 77713" stages="sft reward ppo dpo" embedded=0 sweep_dir="" dataset=""
 embedded_dir="assets/embedded" accelerate_config="configs/accelerate/deepspeed_zero2_bf16.yaml" num_processes=""
-jobs=1 reduced=0 track=0 force=0 list_cells=0 dry_run=0 resume=auto save_every=""
+jobs=1 reduced=0 track=0 force=0 list_cells=0 dry_run=0 resume=auto save_every="" lora_r="" lora_lr=""
+gradient_checkpointing=0
 while (($#)); do
   case $1 in
     --sizes | --seeds | --stages | --sweep_dir | --dataset | --embedded_dir | --accelerate_config | --num_processes | --jobs | \
-      --resume | --save_every)
+      --resume | --save_every | --lora_r | --lora_lr)
       [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value (see --help)"
       name=${1#--}
       printf -v "$name" '%s' "$2"
@@ -76,6 +82,7 @@ while (($#)); do
       ;;
     --embedded) embedded=1; shift ;;
     --reduced) reduced=1; shift ;;
+    --gradient_checkpointing) gradient_checkpointing=1; shift ;;
     --track) track=1; shift ;;
     --force) force=1; shift ;;
     --list_cells) list_cells=1; shift ;;
@@ -105,6 +112,9 @@ for seed in $seeds; do
 done
 [[ $resume == auto || $resume == none ]] || die "--resume must be auto or none, not '$resume'"
 [[ -z $save_every || $save_every =~ ^[0-9]+$ ]] || die "--save_every '$save_every' is not a non-negative integer"
+[[ -z $lora_r || $lora_r =~ ^[1-9][0-9]*$ ]] || die "--lora_r '$lora_r' is not a positive integer"
+[[ -z $lora_lr || $lora_lr =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || die "--lora_lr '$lora_lr' is not a positive number"
+[[ -z $lora_lr || -n $lora_r ]] || die "--lora_lr needs --lora_r (it is the learning rate of the LoRA runs)"
 for stage in $stages; do
   [[ " $ALL_STAGES " == *" $stage "* ]] || die "unknown stage '$stage'; choose from: $ALL_STAGES"
 done
@@ -208,6 +218,11 @@ stage_command() { # stage size seed
     while IFS= read -r line; do CMD+=("$line"); done < <(reduced_args "$stage")
   fi
   ((!track)) || CMD+=(--track)
+  if [[ -n $lora_r ]]; then  # fewer GPUs (README "Fewer GPUs"): adapters instead of every weight
+    CMD+=(--lora_r "$lora_r")
+    [[ -z $lora_lr ]] || CMD+=(--lr "$lora_lr")
+  fi
+  ((!gradient_checkpointing)) || CMD+=(--gradient_checkpointing)
   CMD+=(--resume "$resume")  # a stage stopped mid-run continues from its newest checkpoint
   [[ -z $save_every ]] || CMD+=(--save_every "$save_every")
 }

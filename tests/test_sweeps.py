@@ -278,6 +278,36 @@ def test_reduced_and_resized_commands_are_accepted(monkeypatch):
             assert args.base_model == f"a/models/{args.output_dir.split('/')[1]}"
 
 
+def test_lora_and_checkpointing_reach_every_trained_stage(monkeypatch):
+    """--lora_r / --lora_lr / --gradient_checkpointing (README "Fewer GPUs") reach every training command, parsed by
+    the stage's own CLI, and through slurm's --sweep_args; without them the stages train every weight; bad values are
+    one line before anything runs."""
+    stages = "sft reward ppo rloo dpo"
+    lora = commands(bash(SWEEP, "--dry_run", "--sizes", "1b", "--seeds", "1", "--stages", stages, "--lora_r", "16",
+                         "--lora_lr", "5e-3", "--gradient_checkpointing").stdout)
+    assert [split_launch(argv)[1].rsplit(".", 1)[1] for argv in lora] == stages.split()
+    for argv in lora:
+        _, module, stage_argv = split_launch(argv)
+        args = parse_stage(module.rsplit(".", 1)[1], stage_argv, monkeypatch)
+        assert (args.lora_r, args.lr, args.gradient_checkpointing) == (16, 5e-3, True), module
+    for argv in commands(bash(SWEEP, "--dry_run", "--sizes", "1b", "--seeds", "1", "--stages", stages).stdout):
+        _, module, stage_argv = split_launch(argv)
+        args = parse_stage(module.rsplit(".", 1)[1], stage_argv, monkeypatch)
+        assert args.lora_r == 0 and not args.gradient_checkpointing and args.lr == 3e-6, module
+    for bad, message in ((["--lora_r", "0"], "--lora_r '0' is not a positive integer"),
+                         (["--lora_lr", "1e-3"], "--lora_lr needs --lora_r"),
+                         (["--lora_r", "8", "--lora_lr", "fast"], "--lora_lr 'fast' is not a positive number")):
+        result = bash(SWEEP, "--dry_run", *bad, check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith(f"sweep.sh: {message}"), result.stderr
+    submitted = bash(SLURM / "submit.sh", "--dry_run", "--sizes", "1b", "--seeds", "1",
+                     "--sweep_args", "--lora_r 16 --gradient_checkpointing").stdout
+    assert submitted.count(r"SWEEP_ARGS=--lora_r\ 16\ --gradient_checkpointing\ ") == 6, submitted  # every step
+    [ppo] = commands(bash(SLURM / "ppo.sbatch", env={"SLURM_ARRAY_TASK_ID": "0",
+                                                     "SWEEP_ARGS": "--sizes 1b --seeds 1 --dry_run --lora_r 16 --gradient_checkpointing"}).stdout)
+    args = parse_stage("ppo", split_launch(ppo)[2], monkeypatch)
+    assert (args.lora_r, args.gradient_checkpointing, args.lr) == (16, True, 3e-6)
+
+
 def test_judge_and_figures_commands_are_accepted(monkeypatch):
     """The judge step (per cell: SFT, PPO and DPO validation tables, each into {cell}/judge/{policy}) and the
     figures step parse with judge.py's and paper_figures.py's CLIs, for Pythia (LLM judge) and embedded (gold)."""
