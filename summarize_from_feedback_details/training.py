@@ -91,6 +91,16 @@ def frozen_models_config(path: str, micro_batch_size: int) -> dict[str, Any]:
             "prescale_gradients": False, "wall_clock_breakdown": False}
 
 
+def deepspeed_collectives_through_gloo() -> None:
+    """DeepSpeed on CPU: its collectives go through torch.distributed's gloo (DeepSpeed's own fallback when the kernel
+    below is unavailable). Otherwise DeepSpeed JIT-compiles a shared-memory all-reduce kernel (ninja + g++) in the first process group
+    of every fresh environment: 60-85 s of a 2-core machine before the first step, for a speed-up that the tiny CPU
+    runs this path serves (tests, the embedded task) never see."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # deepspeed.comm.torch.build_shm_op then returns None
+
+
 def frozen_engine(model: Any, config: dict[str, Any]) -> Any:
     """A frozen model as its own DeepSpeed inference engine (no optimizer); call it like the model."""
     import deepspeed
@@ -224,6 +234,8 @@ class Stage:
             kwargs["mixed_precision"] = self.args.mixed_precision
         elif not self.args.deepspeed:  # cpu=True would silently drop the DeepSpeed plugin
             kwargs["cpu"] = True
+        else:
+            deepspeed_collectives_through_gloo()
         self._accelerator = Accelerator(**kwargs)
         if self.args.deepspeed:  # no prepared dataloader tells DeepSpeed the micro-batch size
             config = self._accelerator.state.deepspeed_plugin.deepspeed_config

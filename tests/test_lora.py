@@ -195,6 +195,29 @@ def test_lora_dpo_raises_the_gold_utility_over_sft(sft_run, embedded_dataset, ru
     assert (adapters(input_ids=x).logits - base(input_ids=x).logits).abs().max() > 1e-3  # the adapters were trained
 
 
+# 8 updates of 32 rollouts with adapters on the policy and the critic, the SFT reference from the disabled adapters
+LORA_PPO_ARGS = ["--total_episodes", "256", "--batch_size", "32", "--local_rollout_forward_batch_size", "32",
+                 "--local_micro_batch_size", "32", "--lr", "5e-3", "--lora_r", "8", "--lora_alpha", "16",
+                 "--gradient_checkpointing", "--eval_splits", "validation", "--max_eval_samples", "100",
+                 "--eval_every", "0", "--save_samples_every", "0"]
+
+
+@pytest.mark.slow
+def test_lora_ppo_raises_the_gold_utility_over_sft(sft_run, reward_run, embedded_dataset, runs_dir):
+    """A LoRA PPO (with gradient checkpointing) from the session's SFT and RM: its policy beats SFT's gold utility on
+    the validation queries, the first update's KL is 0 (the reference is the policy with its adapters off, which start
+    at 0), and it saves adapters only."""
+    run_module("ppo", "embedded", "--sft_model_path", str(sft_run / "model"), "--reward_model_path", str(reward_run / "model"),
+               "--dataset", str(embedded_dataset), "--output_dir", str(runs_dir), "--run_name", "ppo_lora", *LORA_PPO_ARGS)
+    run = runs_dir / "ppo_lora"
+    sft, ppo = read_metrics(sft_run), read_metrics(run)
+    assert ppo["eval/validation/gold_utility"] > sft["eval/validation/gold_utility"] + 0.2, (sft, ppo)
+    assert ppo["first/objective/kl"] == pytest.approx(0.0, abs=1e-5)  # update 1 samples from the policy = the reference
+    assert (run / "model" / "adapter_config.json").exists() and not (run / "model" / "model.safetensors").exists()
+    args = json.loads((run / "args.json").read_text())
+    assert (args["lora_r"], args["gradient_checkpointing"]) == (8, True)
+
+
 def test_rollouts_take_the_reference_from_the_policy_with_adapters_off(base_dir):
     """PPO / RLOO with --lora_r load no reference copy (None): the rollouts' reference log-probs are the SFT model's."""
     from summarize_from_feedback_details import rl
