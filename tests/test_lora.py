@@ -205,14 +205,15 @@ LORA_PPO_ARGS = ["--total_episodes", "256", "--batch_size", "32", "--local_rollo
 @pytest.mark.slow
 def test_lora_ppo_raises_the_gold_utility_over_sft(sft_run, reward_run, embedded_dataset, runs_dir):
     """A LoRA PPO (with gradient checkpointing) from the session's SFT and RM: its policy beats SFT's gold utility on
-    the validation queries, the first update's KL is 0 (the reference is the policy with its adapters off, which start
-    at 0), and it saves adapters only."""
+    the validation queries, the first update's KL is 0 (the adapters start at 0, so the run starts at SFT; that the
+    reference is the policy with its adapters off is pinned with trained adapters by
+    test_rollouts_take_the_reference_from_the_policy_with_adapters_off), and it saves adapters only."""
     run_module("ppo", "embedded", "--sft_model_path", str(sft_run / "model"), "--reward_model_path", str(reward_run / "model"),
                "--dataset", str(embedded_dataset), "--output_dir", str(runs_dir), "--run_name", "ppo_lora", *LORA_PPO_ARGS)
     run = runs_dir / "ppo_lora"
     sft, ppo = read_metrics(sft_run), read_metrics(run)
     assert ppo["eval/validation/gold_utility"] > sft["eval/validation/gold_utility"] + 0.2, (sft, ppo)
-    assert ppo["first/objective/kl"] == pytest.approx(0.0, abs=1e-5)  # update 1 samples from the policy = the reference
+    assert ppo["first/objective/kl"] == pytest.approx(0.0, abs=1e-5)  # update 1: policy = SFT = the reference
     assert (run / "model" / "adapter_config.json").exists() and not (run / "model" / "model.safetensors").exists()
     args = json.loads((run / "args.json").read_text())
     assert (args["lora_r"], args["gradient_checkpointing"]) == (8, True)
